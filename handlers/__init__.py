@@ -1,0 +1,5 @@
+"""The application's modules: which event triggers which work, on which queue.
+
+Loaded by ``EVENT_HANDLER_MODULES`` (default ``handlers``): every submodule is imported, so
+decorator subscriptions register, and every ``BaseModule`` subclass is initialized once.
+"""

@@ -1,0 +1,37 @@
+"""Active working memory: stale per-user caches are dropped when their inputs change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from project.events import event_bus
+from project.modules import BaseModule
+from tasks.memory import ActiveMemory
+
+
+def _memory() -> ActiveMemory:
+    return ActiveMemory(event_bus.sync_client(), event_bus.keys)
+
+
+class ActiveWorkingMemoryModule(BaseModule):
+    """Subscribes in ``initialize()``: a user's new birth data makes their cache stale."""
+
+    name = "memory"
+
+    async def initialize(self) -> None:
+        await super().initialize()
+        self.subscribe("user.birth_data.updated", self.invalidate_user)
+
+    def invalidate_user(self, event: dict[str, Any]) -> None:
+        """Drop the cache of the user the event concerns."""
+        if event["user_id"] is not None:
+            _memory().invalidate_user(str(event["user_id"]))
+
+
+@event_bus.subscribe("cosmic.#", queue="memory")
+def invalidate_everyone(event: dict[str, Any]) -> None:
+    """A global cosmic event changes every user's context: one O(1) generation bump."""
+    if event["user_id"] is None:
+        _memory().invalidate_all()
+    else:
+        _memory().invalidate_user(str(event["user_id"]))

@@ -1,0 +1,249 @@
+"""The event bus: publish events, subscribe handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import redis
+import redis.asyncio
+from redis.commands.core import AsyncScript, Script
+
+from project.envelope import encode_envelope
+from project.errors import InvalidSubscription
+from project.keys import Keys
+from project.patterns import validate_pattern
+from project.registry import Registry, Subscription
+from project.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from project.modules import BaseModule
+
+__all__ = ["EventBus"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+# XADD and PUBLISH in one round trip, atomically: an event is either in the stream (and so
+# will be dispatched) and broadcast, or the call failed and nothing happened.
+_PUBLISH_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return id
+"""
+
+
+class EventBus:
+    """Publishes events to Redis and holds this process's subscriptions.
+
+    Creating one opens no connection; clients are made on first publish, one per process
+    (and one per event loop for :meth:`publish`).
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self.registry = Registry()
+        self.modules: dict[type[BaseModule], BaseModule] = {}
+        self._sync_client: redis.Redis | None = None
+        self._sync_script: Script | None = None
+        self._async_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this bus uses (the process-wide ones unless given)."""
+        return self._settings or get_settings()
+
+    @property
+    def keys(self) -> Keys:
+        """Names of this environment's keys and channels."""
+        return Keys(self.settings.events_prefix)
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish(
+        self,
+        event_type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | int | uuid.UUID | None = None,
+        module: str | None = None,
+    ) -> str:
+        """Publish an event and return its event_id once Redis holds it.
+
+        Never waits for a handler. ``user_id`` may also arrive inside ``data``. Called from
+        inside a handler, the new event carries causation_id, correlation_id and hops + 1.
+
+        Raises:
+            InvalidEventName: the name is not 2 to 4 lower-case snake_case segments.
+            InvalidEventData: data is not a dict, or names a different user_id.
+            PayloadNotSerializable: data cannot be encoded as JSON.
+            PayloadTooLarge: the event is over ``EVENTS_MAX_DATA_BYTES``.
+            HopLimitExceeded: the chain is longer than ``EVENTS_MAX_HOPS``.
+            redis.RedisError: Redis could not be reached.
+        """
+        event_id, encoded = self._encode(event_type, data, user_id, module)
+        keys = self.keys
+        await self._async_script()(
+            keys=[keys.stream],
+            args=[self.settings.events_stream_maxlen, encoded, keys.channel(event_type)],
+        )
+        return event_id
+
+    def publish_sync(
+        self,
+        event_type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | int | uuid.UUID | None = None,
+        module: str | None = None,
+    ) -> str:
+        """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
+        event_id, encoded = self._encode(event_type, data, user_id, module)
+        keys = self.keys
+        if self._sync_script is None:
+            self._sync_script = self.sync_client().register_script(_PUBLISH_LUA)
+        self._sync_script(
+            keys=[keys.stream],
+            args=[self.settings.events_stream_maxlen, encoded, keys.channel(event_type)],
+        )
+        return event_id
+
+    def _encode(
+        self, event_type: str, data: Mapping[str, Any] | None, user_id: Any, module: str | None
+    ) -> tuple[str, str]:
+        s = self.settings
+        return encode_envelope(
+            event_type, data, user_id=user_id, module=module,
+            max_bytes=s.events_max_data_bytes, max_hops=s.events_max_hops,
+        )
+
+    def sync_client(self) -> redis.Redis:
+        """This process's Redis client (created on first use; redis-py resets it after fork)."""
+        if self._sync_client is None:
+            self._sync_client = redis.Redis.from_url(self.settings.redis_url)
+        return self._sync_client
+
+    def _async_script(self) -> AsyncScript:
+        # An asyncio client belongs to the loop it was made on: keep one per loop.
+        loop = asyncio.get_running_loop()
+        script = self._async_scripts.get(loop)
+        if script is None:
+            client = redis.asyncio.Redis.from_url(self.settings.redis_url)
+            script = client.register_script(_PUBLISH_LUA)
+            self._async_scripts[loop] = script
+        return script
+
+    # -- subscribing ------------------------------------------------------------------
+
+    @overload
+    def subscribe(self, pattern: str | Sequence[str], handler: None = None, **options: Any) -> Callable[[F], F]: ...
+    @overload
+    def subscribe(self, pattern: str | Sequence[str], handler: F, **options: Any) -> Subscription: ...
+
+    def subscribe(
+        self,
+        pattern: str | Sequence[str],
+        handler: Callable[..., Any] | None = None,
+        *,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
+        time_limit_s: float | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Subscribe ``handler`` to the events matching ``pattern`` (or a list of patterns).
+
+        Use it as a call, ``event_bus.subscribe("user.birth_data.updated", self.recalculate)``,
+        or as a decorator, ``@event_bus.subscribe("cosmic.#", queue="synthesis")``. ``*``
+        matches one segment, ``#`` zero or more. The handler gets the envelope dict; it may
+        be ``async def``. Each subscription becomes its own Celery task, named after the
+        handler (or ``name``), on ``queue`` (default: the module's name).
+
+        Raises:
+            InvalidPattern: a pattern is malformed or can never match.
+            InvalidSubscription: a bad queue name, retry count or handler.
+            DuplicateHandler: the handler is already subscribed.
+        """
+        patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
+        if not patterns:
+            raise InvalidSubscription("subscribe needs at least one pattern")
+        for p in patterns:
+            validate_pattern(p)
+        options = dict(queue=queue, max_retries=max_retries, backoff_s=backoff_s,
+                       backoff_max_s=backoff_max_s, time_limit_s=time_limit_s, name=name)
+        if handler is None:
+            def decorator(func: F) -> F:
+                self._add(patterns, func, **options)
+                return func
+            return decorator
+        return self._add(patterns, handler, **options)
+
+    def _add(
+        self,
+        patterns: tuple[str, ...],
+        handler: Callable[..., Any],
+        *,
+        queue: str | None,
+        max_retries: int | None,
+        backoff_s: float | None,
+        backoff_max_s: float | None,
+        time_limit_s: float | None,
+        name: str | None,
+    ) -> Subscription:
+        if not callable(handler):
+            raise InvalidSubscription(f"handler must be callable, got {type(handler).__name__}")
+        from project.modules import BaseModule
+
+        owner = getattr(handler, "__self__", None)
+        func = getattr(handler, "__func__", handler)
+        if name is None:
+            qualname = getattr(func, "__qualname__", "")
+            if not qualname or "<" in qualname:
+                raise InvalidSubscription(
+                    f"cannot name the task of handler {handler!r} (a lambda or partial?): "
+                    "pass name='module.handler_name'"
+                )
+            name = f"{func.__module__}.{qualname}"
+        if isinstance(owner, BaseModule):
+            module: str | None = owner.name
+            queue = queue or owner.queue
+        else:
+            module = (getattr(func, "__module__", None) or "").rsplit(".", 1)[-1] or None
+            queue = queue or module
+        if not queue or not _QUEUE_RE.match(queue):
+            raise InvalidSubscription(f"invalid queue name {queue!r}: use letters, digits, '_', '.', '-'")
+        s = self.settings
+        max_retries = s.delivery_max_retries if max_retries is None else max_retries
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidSubscription(f"max_retries must be an int >= 0, got {max_retries!r}")
+        sub = Subscription(
+            name=name,
+            patterns=patterns,
+            handler=handler,
+            queue=queue,
+            module=module,
+            max_retries=max_retries,
+            backoff_s=s.delivery_backoff_s if backoff_s is None else float(backoff_s),
+            backoff_max_s=s.delivery_backoff_max_s if backoff_max_s is None else float(backoff_max_s),
+            time_limit_s=time_limit_s,
+        )
+        self.registry.add(sub)
+        return sub
+
+    # -- modules ----------------------------------------------------------------------
+
+    def load_modules(self, paths: Sequence[str] | None = None) -> list[BaseModule]:
+        """Import the handler modules (``EVENT_HANDLER_MODULES``) and initialize each module once.
+
+        Idempotent: a second call in the same process returns the modules already made.
+        """
+        from project.modules import load_modules
+
+        return load_modules(self, self.settings.event_handler_modules if paths is None else paths)

@@ -1,0 +1,162 @@
+"""The ``eventbus`` command: run a router or the log writer, publish, list routes, tail events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from project.envelope import validate_event_name
+from project.errors import EventBusError, InvalidEventName
+from project.events import event_bus
+from project.patterns import PatternTrie
+from project.settings import get_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("eventbus")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _run_log_writer(stop: threading.Event) -> None:
+    from project.eventlog import LogWriter
+
+    LogWriter(get_settings()).run(stop)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    """Run a router (and, unless --no-log-writer, the log writer in a thread of the same process)."""
+    from project.router import Router
+
+    event_bus.load_modules()
+    stop = _stop_on_signals()
+    writer = None
+    if not args.no_log_writer:
+        writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
+        writer.start()
+    router = Router(get_settings(), event_bus.registry, consumer=args.consumer)
+    log.info("router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry),
+             router.keys.prefix)
+    router.run(stop)
+    if writer is not None:
+        writer.join(timeout=10)
+    log.info("router stopped: %s", router.stats)
+    return 0
+
+
+def cmd_log_writer(args: argparse.Namespace) -> int:
+    """Run the log writer alone."""
+    _run_log_writer(_stop_on_signals())
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish one event and print its event_id."""
+    try:
+        data = json.loads(args.data) if args.data else None
+    except json.JSONDecodeError as exc:
+        print(f"eventbus publish: --data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    print(event_bus.publish_sync(args.event_type, data, user_id=args.user, module=args.module or "cli"))
+    return 0
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    """Print every subscription: pattern(s), handler, queue."""
+    event_bus.load_modules()
+    rows = [(", ".join(s.patterns), s.name, s.queue) for s in event_bus.registry]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("PATTERN", "HANDLER", "QUEUE"))]
+    for row in [("PATTERN", "HANDLER", "QUEUE"), *rows]:
+        print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print live events (from pub/sub: at-most-once, for watching, not for processing)."""
+    trie: PatternTrie[str] = PatternTrie()
+    trie.insert(args.pattern, "tail")
+    keys = event_bus.keys
+    pubsub = event_bus.sync_client().pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(keys.channel_pattern)
+    stop = _stop_on_signals()
+    print(f"listening for {args.pattern!r} on {keys.channel_pattern!r} (Ctrl-C stops)", file=sys.stderr)
+    count = 0
+    while not stop.is_set():
+        message = pubsub.get_message(timeout=0.5)
+        if message is None:
+            continue
+        event_type = keys.event_type_of_channel(message["channel"].decode())
+        try:
+            validate_event_name(event_type)
+        except InvalidEventName:  # another channel under the prefix (Celery's own)
+            continue
+        if not trie.match(event_type):
+            continue
+        print(message["data"].decode(), flush=True)
+        count += 1
+        if args.count and count >= args.count:
+            break
+    pubsub.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventbus", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("router", help="dispatch events to Celery tasks")
+    p.add_argument("--no-log-writer", action="store_true", help="do not run the log writer in this process")
+    p.add_argument("--consumer", help="consumer name in the group (default: host-pid)")
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("log-writer", help="move event and delivery records into PostgreSQL")
+    p.set_defaults(func=cmd_log_writer)
+
+    p = sub.add_parser("publish", help="publish one event")
+    p.add_argument("event_type")
+    p.add_argument("--data", help="the data, a JSON object")
+    p.add_argument("--user", help="the user_id the event concerns")
+    p.add_argument("--module", help="the publishing module (default: cli)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("routes", help="list every subscription")
+    p.set_defaults(func=cmd_routes)
+
+    p = sub.add_parser("tail", help="print live events matching PATTERN (default '#')")
+    p.add_argument("pattern", nargs="?", default="#")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.set_defaults(func=cmd_tail)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``eventbus`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except EventBusError as exc:
+        print(f"eventbus {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

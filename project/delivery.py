@@ -1,0 +1,121 @@
+"""The worker side: one Celery task per subscription, which runs its handler once per event."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery, Task
+
+from project.bus import EventBus
+from project.context import handling
+from project.errors import EventBusError
+from project.registry import Subscription
+
+__all__ = ["DeliveryTask", "register_tasks", "route_task"]
+
+log = logging.getLogger("eventbus.delivery")
+
+MODULE_ERROR = "module.error"
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _run_coroutine(coro: Any) -> Any:
+    # One loop per worker process, reused: async handlers may keep clients bound to it.
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(coro)
+
+
+def backoff_s(sub: Subscription, retries: int) -> float:
+    """Exponential backoff with jitter: between half and all of base * 2**retries, capped."""
+    ceiling = min(sub.backoff_max_s, sub.backoff_s * (2**retries))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class DeliveryTask(Task):  # type: ignore[misc]
+    """Runs one subscription's handler; made by :func:`register_tasks`, one per subscription."""
+
+    subscription: Subscription
+    bus: EventBus
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    typing = False
+
+    def run(self, event: dict[str, Any]) -> str:
+        sub, bus = self.subscription, self.bus
+        client = bus.sync_client()
+        done_key = bus.keys.delivery_done(self.request.id)
+        if client.exists(done_key):
+            log.info("%s: delivery of %s already succeeded; skipped", sub.name, event.get("event_id"))
+            return "duplicate"
+        with handling(event, sub.module):
+            try:
+                result = sub.handler(event)
+                if inspect.isawaitable(result):
+                    _run_coroutine(result)
+            except Exception as exc:
+                retries = self.request.retries
+                if retries < sub.max_retries:
+                    raise self.retry(exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries) from exc
+                self._report_dead(event, exc, attempts=retries + 1)
+                raise
+        client.set(done_key, 1, ex=bus.settings.delivery_done_ttl_s)
+        return "ok"
+
+    def _report_dead(self, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
+        sub = self.subscription
+        log.error("%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc)
+        if event.get("event_type") == MODULE_ERROR:
+            return  # a failing module.error handler must not feed itself
+        try:
+            self.bus.publish_sync(
+                MODULE_ERROR,
+                {
+                    "handler": sub.name,
+                    "queue": sub.queue,
+                    "event_id": event.get("event_id"),
+                    "event_type": event.get("event_type"),
+                    "attempts": attempts,
+                    "error": repr(exc)[:2000],
+                },
+                user_id=event.get("user_id"),
+                module=sub.module,
+            )
+        except EventBusError as err:
+            log.error("%s: could not publish %s: %s", sub.name, MODULE_ERROR, err)
+
+
+def register_tasks(app: Celery, bus: EventBus) -> None:
+    """Make one Celery task per subscription in ``bus``, named after its handler (idempotent)."""
+    for sub in bus.registry:
+        if sub.name in app.tasks:
+            continue
+        task_cls = type(
+            f"Delivery[{sub.name}]",
+            (DeliveryTask,),
+            {
+                "name": sub.name,
+                "subscription": sub,
+                "bus": bus,
+                "max_retries": sub.max_retries,
+                "time_limit": sub.time_limit_s,
+                "__module__": __name__,
+            },
+        )
+        app.register_task(task_cls())
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
+    """Celery router (``task_routes``): a delivery task goes to its subscription's queue."""
+    sub = getattr(task, "subscription", None)
+    if isinstance(sub, Subscription):
+        return {"queue": sub.queue}
+    return None

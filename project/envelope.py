@@ -1,0 +1,166 @@
+"""The event contract: names, the JSON envelope, and its strict decoding on the router side."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from project.context import current_cause
+from project.errors import (
+    HopLimitExceeded,
+    InvalidEventData,
+    InvalidEventName,
+    MalformedEnvelope,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+)
+
+__all__ = ["Envelope", "decode_envelope", "encode_envelope", "validate_event_name"]
+
+SEGMENT = r"[a-z][a-z0-9_]*"
+_NAME_RE = re.compile(rf"^{SEGMENT}(?:\.{SEGMENT}){{1,3}}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_MAX_NAME_CHARS = 255
+
+
+def validate_event_name(name: object) -> str:
+    """Return ``name`` if it is a valid event name, else raise :class:`InvalidEventName`.
+
+    A name is 2 to 4 dot-separated segments, each lower-case snake_case starting with a
+    letter: ``user.created``, ``cosmic.solar_storm.detected``. Wildcards are for patterns.
+    """
+    if not isinstance(name, str):
+        raise InvalidEventName(f"event name must be a str, got {type(name).__name__}")
+    if len(name) > _MAX_NAME_CHARS or not _NAME_RE.match(name):
+        raise InvalidEventName(
+            f"invalid event name {name[:80]!r}: expected 2 to 4 dot-separated lower-case "
+            "snake_case segments such as 'user.created' or 'cosmic.solar_storm.detected'"
+            + (" ('*' and '#' belong in subscription patterns)" if "*" in name or "#" in name else "")
+        )
+    return name
+
+
+def encode_envelope(
+    event_type: str,
+    data: Mapping[str, Any] | None,
+    *,
+    user_id: str | int | uuid.UUID | None,
+    module: str | None,
+    max_bytes: int,
+    max_hops: int,
+) -> tuple[str, str]:
+    """Build and encode a new event; return ``(event_id, envelope_json)``.
+
+    ``user_id`` given inside ``data`` is lifted into the envelope (and left in ``data``), so
+    the application's ``publish(name, {..., "user_id": uid})`` works unchanged.
+
+    Raises:
+        InvalidEventName, InvalidEventData, PayloadNotSerializable, PayloadTooLarge,
+        HopLimitExceeded.
+    """
+    validate_event_name(event_type)
+    if data is None:
+        data = {}
+    elif not isinstance(data, Mapping):
+        raise InvalidEventData(f"event data must be a dict (a JSON object), got {type(data).__name__}")
+    if "user_id" in data:
+        inner = data["user_id"]
+        if user_id is None:
+            user_id = inner
+        elif inner is not None and str(inner) != str(user_id):
+            raise InvalidEventData(
+                f"user_id={user_id!r} contradicts data['user_id']={inner!r}; give one of them"
+            )
+    if isinstance(user_id, uuid.UUID):
+        user_id = str(user_id)
+    elif user_id is not None and (not isinstance(user_id, str | int) or isinstance(user_id, bool)):
+        raise InvalidEventData(f"user_id must be a str, int or UUID, got {type(user_id).__name__}")
+
+    cause = current_cause()
+    event_id = str(uuid.uuid4())
+    if cause is None:
+        causation_id, correlation_id, hops = None, event_id, 0
+    else:
+        causation_id, correlation_id, hops = cause.event_id, cause.correlation_id, cause.hops + 1
+        if hops > max_hops:
+            raise HopLimitExceeded(
+                f"publishing {event_type!r} would be hop {hops} of the chain started by event "
+                f"{correlation_id} (limit EVENTS_MAX_HOPS={max_hops}): is a handler re-publishing "
+                "the event it handles?"
+            )
+        if module is None:
+            module = cause.module
+    envelope = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "user_id": user_id,
+        "data": data,
+        "timestamp": datetime.now(UTC).isoformat(),
+        "module": module,
+        "causation_id": causation_id,
+        "correlation_id": correlation_id,
+        "hops": hops,
+    }
+    try:
+        encoded = json.dumps(envelope, separators=(",", ":"), allow_nan=False, default=_refuse)
+    except (TypeError, ValueError) as exc:
+        raise PayloadNotSerializable(f"data of {event_type!r} is not JSON-serialisable: {exc}") from exc
+    if len(encoded) > max_bytes:  # ASCII-only (ensure_ascii), so characters are bytes
+        raise PayloadTooLarge(
+            f"event {event_type!r} encodes to {len(encoded)} bytes, over the limit of {max_bytes} "
+            "(EVENTS_MAX_DATA_BYTES): carry IDs in events, not whole objects"
+        )
+    return event_id, encoded
+
+
+def _refuse(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+class Envelope(BaseModel):
+    """An event as the router accepts it: every field checked, nothing unknown."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    event_id: str = Field(pattern=_UUID_RE.pattern)
+    event_type: str
+    user_id: str | int | None = None
+    data: dict[str, Any]
+    timestamp: str
+    module: str | None = Field(default=None, max_length=200)
+    causation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
+    correlation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
+    hops: int = Field(default=0, ge=0)
+
+    @field_validator("event_type")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return validate_event_name(value)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _check_timestamp(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("timestamp is not ISO-8601") from None
+        return value
+
+
+def decode_envelope(raw: bytes | str, max_bytes: int) -> Envelope:
+    """Decode and validate one stream entry; raise :class:`MalformedEnvelope` with the reason."""
+    if len(raw) > max_bytes:
+        raise MalformedEnvelope(f"entry is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        return Envelope.model_validate_json(raw)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise MalformedEnvelope(reasons) from None

@@ -1,0 +1,85 @@
+"""Celery task messages, built directly in the form Celery's Redis transport stores them.
+
+The router writes these with LPUSH inside the same Lua script that acknowledges the stream
+entry, which is what makes dispatch exactly-once: the send and the XACK happen together or
+not at all. It also skips kombu's per-message client setup and ``saferepr`` of arguments,
+which dominate the cost of ``apply_async`` (see DESIGN.md, "Known costs").
+
+The format is Celery's task protocol 2 inside kombu's virtual-transport envelope, the same
+that ``app.amqp.as_task_v2`` + ``Channel._inplace_augment_message`` produce;
+``tests/integration`` runs these messages through real workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import uuid
+
+__all__ = ["build_task_message", "delivery_task_id"]
+
+# Fixed namespace: the same (event_id, handler) always gets the same task_id.
+_TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
+_EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
+_ORIGIN = f"eventbus-router@{socket.gethostname()}"
+
+
+def delivery_task_id(event_id: str, handler: str) -> str:
+    """The Celery task id of the delivery of ``event_id`` to ``handler`` (deterministic)."""
+    return str(uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}"))
+
+
+def build_task_message(
+    *,
+    task_name: str,
+    task_id: str,
+    queue: str,
+    envelope_json: str,
+    event_type: str,
+    event_id: str,
+) -> str:
+    """Return the JSON of one Celery message that calls ``task_name(envelope)`` on ``queue``.
+
+    ``envelope_json`` must already be validated JSON; it is embedded as the single argument.
+    """
+    body = f"[[{envelope_json}],{{}},{_EMBED}]"
+    headers = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": f"({{'event_type': {event_type!r}, 'event_id': {event_id!r}, ...}},)",
+        "kwargsrepr": "{}",
+        "origin": _ORIGIN,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    message = {
+        "body": base64.b64encode(body.encode()).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            # The anonymous exchange routes by routing_key alone, also when kombu restores
+            # an unacknowledged message, so no binding table entry is needed.
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message, separators=(",", ":"))

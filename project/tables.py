@@ -1,0 +1,66 @@
+"""The PostgreSQL tables of the event log (migrations/ creates them; the log writer fills them)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+__all__ = ["DELIVERY_STATUSES", "event_deliveries", "events_log", "metadata"]
+
+metadata = MetaData()
+
+# Later phases outrank earlier ones within an attempt; records may arrive out of order.
+DELIVERY_STATUSES = {"dispatched": 0, "started": 1, "retrying": 2, "failed": 2, "succeeded": 3, "dead": 3}
+
+events_log = Table(
+    "events_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("event_id", UUID(as_uuid=False), nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("user_id", Text),
+    Column("module", Text),
+    Column("data", JSONB, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("causation_id", UUID(as_uuid=False)),
+    Column("correlation_id", UUID(as_uuid=False)),
+    Column("hops", Integer, nullable=False, server_default="0"),
+    UniqueConstraint("event_id", name="events_log_event_id_key"),
+    Index("ix_events_log_event_type_occurred_at", "event_type", "occurred_at"),
+    Index("ix_events_log_user_id", "user_id"),
+    Index("ix_events_log_correlation_id", "correlation_id"),
+)
+
+event_deliveries = Table(
+    "event_deliveries",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("event_id", UUID(as_uuid=False), nullable=False),
+    Column("handler", Text, nullable=False),
+    Column("queue", Text),
+    Column("task_id", UUID(as_uuid=False)),
+    Column("status", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("event_id", "handler", name="uq_event_deliveries_event_id_handler"),
+    CheckConstraint(
+        "status IN ('dispatched', 'started', 'succeeded', 'retrying', 'failed', 'dead')",
+        name="ck_event_deliveries_status",
+    ),
+    Index("ix_event_deliveries_status", "status"),
+)

@@ -1,0 +1,1 @@
+"""The work the application's modules do when their events arrive."""

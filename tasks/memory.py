@@ -1,0 +1,48 @@
+"""Active working memory: a per-user cache in Redis, invalidated by events.
+
+Every user's entry is keyed under a global generation number, so a global event
+invalidates every user in O(1) by incrementing the generation; the stale keys simply
+expire with their TTL. A user-level event deletes that user's current key.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from project.keys import Keys
+
+__all__ = ["ActiveMemory"]
+
+
+class ActiveMemory:
+    """Read, fill and invalidate the per-user working memory."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+
+    def generation(self) -> int:
+        """The current generation (0 before the first global invalidation)."""
+        return int(self.client.get(self.keys.memory_generation) or 0)
+
+    def get(self, user_id: str) -> dict[str, str]:
+        """The user's cached fields, or an empty dict."""
+        raw = self.client.hgetall(self.keys.memory_user(self.generation(), user_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def put(self, user_id: str, fields: dict[str, str]) -> None:
+        """Cache ``fields`` for the user, with the TTL."""
+        key = self.keys.memory_user(self.generation(), user_id)
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def invalidate_user(self, user_id: str) -> None:
+        """Forget what is cached for one user."""
+        self.client.delete(self.keys.memory_user(self.generation(), user_id))
+
+    def invalidate_all(self) -> int:
+        """Forget what is cached for every user, in O(1); return the new generation."""
+        return int(self.client.incr(self.keys.memory_generation))
