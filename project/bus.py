@@ -119,8 +119,12 @@ class EventBus:
     ) -> tuple[str, str]:
         s = self.settings
         return encode_envelope(
-            event_type, data, user_id=user_id, module=module,
-            max_bytes=s.events_max_data_bytes, max_hops=s.events_max_hops,
+            event_type,
+            data,
+            user_id=user_id,
+            module=module,
+            max_bytes=s.events_max_data_bytes,
+            max_hops=s.events_max_hops,
         )
 
     def sync_client(self) -> redis.Redis:
@@ -139,12 +143,50 @@ class EventBus:
             self._async_scripts[loop] = script
         return script
 
+    async def aclose(self) -> None:
+        """Close the Redis client :meth:`publish` made for the running event loop.
+
+        Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
+        """
+        script = self._async_scripts.pop(asyncio.get_running_loop(), None)
+        if script is not None:
+            await script.registered_client.aclose()
+
+    def close(self) -> None:
+        """Close the synchronous Redis client (a later publish makes a new one)."""
+        if self._sync_client is not None:
+            self._sync_client.close()
+        self._sync_client = self._sync_script = None
+
     # -- subscribing ------------------------------------------------------------------
 
     @overload
-    def subscribe(self, pattern: str | Sequence[str], handler: None = None, **options: Any) -> Callable[[F], F]: ...
+    def subscribe(
+        self,
+        pattern: str | Sequence[str],
+        handler: None = None,
+        *,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
+        time_limit_s: float | None = None,
+        name: str | None = None,
+    ) -> Callable[[F], F]: ...
+
     @overload
-    def subscribe(self, pattern: str | Sequence[str], handler: F, **options: Any) -> Subscription: ...
+    def subscribe(
+        self,
+        pattern: str | Sequence[str],
+        handler: Callable[..., Any],
+        *,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
+        time_limit_s: float | None = None,
+        name: str | None = None,
+    ) -> Subscription: ...
 
     def subscribe(
         self,
@@ -176,14 +218,27 @@ class EventBus:
             raise InvalidSubscription("subscribe needs at least one pattern")
         for p in patterns:
             validate_pattern(p)
-        options = dict(queue=queue, max_retries=max_retries, backoff_s=backoff_s,
-                       backoff_max_s=backoff_max_s, time_limit_s=time_limit_s, name=name)
+
+        def add(func: Callable[..., Any]) -> Subscription:
+            return self._add(
+                patterns,
+                func,
+                queue=queue,
+                max_retries=max_retries,
+                backoff_s=backoff_s,
+                backoff_max_s=backoff_max_s,
+                time_limit_s=time_limit_s,
+                name=name,
+            )
+
         if handler is None:
+
             def decorator(func: F) -> F:
-                self._add(patterns, func, **options)
+                add(func)
                 return func
+
             return decorator
-        return self._add(patterns, handler, **options)
+        return add(handler)
 
     def _add(
         self,

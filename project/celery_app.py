@@ -28,12 +28,10 @@ def load_handlers() -> None:
     register_tasks(app, event_bus)
 
 
-@signals.worker_init.connect(weak=False)
-def _on_worker_init(**_: Any) -> None:
+def _on_start(**_: Any) -> None:
     # In the worker's main process, before the pool forks: children inherit the modules.
     load_handlers()
 
 
-@signals.beat_init.connect(weak=False)
-def _on_beat_init(**_: Any) -> None:
-    load_handlers()
+signals.worker_init.connect(_on_start, weak=False, dispatch_uid="eventbus.load_handlers")
+signals.beat_init.connect(_on_start, weak=False, dispatch_uid="eventbus.load_handlers.beat")

@@ -51,8 +51,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
         writer.start()
     router = Router(get_settings(), event_bus.registry, consumer=args.consumer)
-    log.info("router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry),
-             router.keys.prefix)
+    log.info(
+        "router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry), router.keys.prefix
+    )
     router.run(stop)
     if writer is not None:
         writer.join(timeout=10)
@@ -81,7 +82,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
     """Print every subscription: pattern(s), handler, queue."""
     event_bus.load_modules()
     rows = [(", ".join(s.patterns), s.name, s.queue) for s in event_bus.registry]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("PATTERN", "HANDLER", "QUEUE"))]
+    widths = [
+        max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("PATTERN", "HANDLER", "QUEUE"))
+    ]
     for row in [("PATTERN", "HANDLER", "QUEUE"), *rows]:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
     return 0
@@ -92,7 +95,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     trie: PatternTrie[str] = PatternTrie()
     trie.insert(args.pattern, "tail")
     keys = event_bus.keys
-    pubsub = event_bus.sync_client().pubsub(ignore_subscribe_messages=True)
+    pubsub = event_bus.sync_client().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.psubscribe(keys.channel_pattern)
     stop = _stop_on_signals()
     print(f"listening for {args.pattern!r} on {keys.channel_pattern!r} (Ctrl-C stops)", file=sys.stderr)
@@ -149,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except EventBusError as exc:

@@ -13,7 +13,6 @@ from celery import Celery, Task
 
 from project.bus import EventBus
 from project.context import handling
-from project.errors import EventBusError
 from project.registry import Subscription
 
 __all__ = ["DeliveryTask", "register_tasks", "route_task"]
@@ -56,41 +55,48 @@ class DeliveryTask(Task):  # type: ignore[misc]
         if client.exists(done_key):
             log.info("%s: delivery of %s already succeeded; skipped", sub.name, event.get("event_id"))
             return "duplicate"
-        with handling(event, sub.module):
-            try:
+        try:
+            with handling(event, sub.module):
                 result = sub.handler(event)
                 if inspect.isawaitable(result):
                     _run_coroutine(result)
-            except Exception as exc:
-                retries = self.request.retries
-                if retries < sub.max_retries:
-                    raise self.retry(exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries) from exc
-                self._report_dead(event, exc, attempts=retries + 1)
-                raise
+        except Exception as exc:
+            retries = self.request.retries
+            if retries < sub.max_retries:
+                raise self.retry(
+                    exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries
+                ) from exc
+            self._report_dead(event, exc, attempts=retries + 1)
+            raise
         client.set(done_key, 1, ex=bus.settings.delivery_done_ttl_s)
         return "ok"
 
     def _report_dead(self, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
         sub = self.subscription
-        log.error("%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc)
+        log.error(
+            "%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc
+        )
         if event.get("event_type") == MODULE_ERROR:
             return  # a failing module.error handler must not feed itself
+        # The report is caused by the failed event but starts its hop count afresh: a chain
+        # stopped by the hop limit must still be able to report it.
         try:
-            self.bus.publish_sync(
-                MODULE_ERROR,
-                {
-                    "handler": sub.name,
-                    "queue": sub.queue,
-                    "event_id": event.get("event_id"),
-                    "event_type": event.get("event_type"),
-                    "attempts": attempts,
-                    "error": repr(exc)[:2000],
-                },
-                user_id=event.get("user_id"),
-                module=sub.module,
-            )
-        except EventBusError as err:
-            log.error("%s: could not publish %s: %s", sub.name, MODULE_ERROR, err)
+            with handling({**event, "hops": 0}, sub.module):
+                self.bus.publish_sync(
+                    MODULE_ERROR,
+                    {
+                        "handler": sub.name,
+                        "queue": sub.queue,
+                        "event_id": event.get("event_id"),
+                        "event_type": event.get("event_type"),
+                        "attempts": attempts,
+                        "error": repr(exc)[:2000],
+                    },
+                    user_id=event.get("user_id"),
+                    module=sub.module,
+                )
+        except Exception:  # the original failure is what the task reports; never mask it
+            log.exception("%s: could not publish %s", sub.name, MODULE_ERROR)
 
 
 def register_tasks(app: Celery, bus: EventBus) -> None:

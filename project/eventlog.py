@@ -36,14 +36,29 @@ _CLAIM_IDLE_MS = 60_000
 
 
 def delivery_record(
-    *, event_id: str, handler: str, queue: str | None, task_id: str, status: str, attempt: int,
+    *,
+    event_id: str,
+    handler: str,
+    queue: str | None,
+    task_id: str,
+    status: str,
+    attempt: int,
     error: str | None = None,
 ) -> str:
     """Encode a worker-side delivery record for the log buffer."""
-    return json.dumps({
-        "k": "d", "at": time.time(), "event_id": event_id, "handler": handler, "queue": queue,
-        "task_id": task_id, "status": status, "attempt": attempt, "error": error,
-    })
+    return json.dumps(
+        {
+            "k": "d",
+            "at": time.time(),
+            "event_id": event_id,
+            "handler": handler,
+            "queue": queue,
+            "task_id": task_id,
+            "status": status,
+            "attempt": attempt,
+            "error": error,
+        }
+    )
 
 
 def _ts(at: float) -> datetime:
@@ -67,28 +82,60 @@ class _Batch:
         at = _ts(float(rec["at"]))
         if rec["k"] == "e":
             ev = rec["event"]
-            self.events.setdefault(ev["event_id"], {
-                "event_id": ev["event_id"], "event_type": ev["event_type"],
-                "user_id": None if ev.get("user_id") is None else str(ev["user_id"]),
-                "module": ev.get("module"), "data": ev["data"],
-                "occurred_at": datetime.fromisoformat(ev["timestamp"]),
-                "causation_id": ev.get("causation_id"), "correlation_id": ev.get("correlation_id"),
-                "hops": int(ev.get("hops") or 0),
-            })
+            self.events.setdefault(
+                ev["event_id"],
+                {
+                    "event_id": ev["event_id"],
+                    "event_type": ev["event_type"],
+                    "user_id": None if ev.get("user_id") is None else str(ev["user_id"]),
+                    "module": ev.get("module"),
+                    "data": ev["data"],
+                    "occurred_at": datetime.fromisoformat(ev["timestamp"]),
+                    "causation_id": ev.get("causation_id"),
+                    "correlation_id": ev.get("correlation_id"),
+                    "hops": int(ev.get("hops") or 0),
+                },
+            )
             for handler, queue, task_id in rec["d"]:
                 self._delivery(ev["event_id"], handler, queue, task_id, "dispatched", 0, None, at)
         elif rec["k"] == "d":
             if rec["status"] not in DELIVERY_STATUSES:
                 raise ValueError(f"unknown status {rec['status']!r}")
-            self._delivery(rec["event_id"], rec["handler"], rec.get("queue"), rec.get("task_id"),
-                           rec["status"], int(rec["attempt"]), rec.get("error"), at)
+            self._delivery(
+                rec["event_id"],
+                rec["handler"],
+                rec.get("queue"),
+                rec.get("task_id"),
+                rec["status"],
+                int(rec["attempt"]),
+                rec.get("error"),
+                at,
+            )
         else:
             raise ValueError(f"unknown record kind {rec['k']!r}")
 
-    def _delivery(self, event_id: str, handler: str, queue: str | None, task_id: str | None,
-                  status: str, attempt: int, error: str | None, at: datetime) -> None:
-        row = {"event_id": event_id, "handler": handler, "queue": queue, "task_id": task_id,
-               "status": status, "attempts": attempt, "error": error, "created_at": at, "updated_at": at}
+    def _delivery(
+        self,
+        event_id: str,
+        handler: str,
+        queue: str | None,
+        task_id: str | None,
+        status: str,
+        attempt: int,
+        error: str | None,
+        at: datetime,
+    ) -> None:
+        row = {
+            "event_id": event_id,
+            "handler": handler,
+            "queue": queue,
+            "task_id": task_id,
+            "status": status,
+            "attempts": attempt,
+            "error": error,
+            "created_at": at,
+            "updated_at": at,
+        }
         key = (event_id, handler)
         old = self.deliveries.get(key)
         if old is None:
@@ -96,7 +143,8 @@ class _Batch:
             return
         created = min(old["created_at"], at)
         if (attempt * 10 + DELIVERY_STATUSES[status], at) >= (
-            old["attempts"] * 10 + DELIVERY_STATUSES[old["status"]], old["updated_at"]
+            old["attempts"] * 10 + DELIVERY_STATUSES[old["status"]],
+            old["updated_at"],
         ):
             row["queue"] = queue or old["queue"]
             row["task_id"] = task_id or old["task_id"]
@@ -105,22 +153,29 @@ class _Batch:
 
     def write(self, conn: sa.Connection) -> None:
         if self.events:
-            conn.execute(insert(events_log).values(list(self.events.values()))
-                         .on_conflict_do_nothing(index_elements=["event_id"]))
+            conn.execute(
+                insert(events_log)
+                .values(list(self.events.values()))
+                .on_conflict_do_nothing(index_elements=["event_id"])
+            )
         if self.deliveries:
             stmt = insert(event_deliveries).values(list(self.deliveries.values()))
             ex = stmt.excluded
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["event_id", "handler"],
-                set_={
-                    "status": ex.status, "attempts": ex.attempts, "error": ex.error,
-                    "updated_at": ex.updated_at,
-                    "queue": sa.func.coalesce(ex.queue, event_deliveries.c.queue),
-                    "task_id": sa.func.coalesce(ex.task_id, event_deliveries.c.task_id),
-                    "created_at": sa.func.least(ex.created_at, event_deliveries.c.created_at),
-                },
-                where=_progress(ex) >= _progress(event_deliveries.c),
-            ))
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["event_id", "handler"],
+                    set_={
+                        "status": ex.status,
+                        "attempts": ex.attempts,
+                        "error": ex.error,
+                        "updated_at": ex.updated_at,
+                        "queue": sa.func.coalesce(ex.queue, event_deliveries.c.queue),
+                        "task_id": sa.func.coalesce(ex.task_id, event_deliveries.c.task_id),
+                        "created_at": sa.func.least(ex.created_at, event_deliveries.c.created_at),
+                    },
+                    where=_progress(ex) >= _progress(event_deliveries.c),
+                )
+            )
 
 
 class LogWriter:
@@ -151,12 +206,19 @@ class LogWriter:
             try:
                 ensure_group(self.client, self.keys.log_buffer, LOG_GROUP)
                 if time.monotonic() >= next_claim_at:
-                    self.client.xautoclaim(self.keys.log_buffer, LOG_GROUP, self.consumer,
-                                           _CLAIM_IDLE_MS, count=self.settings.log_batch_size)
+                    self.client.xautoclaim(
+                        self.keys.log_buffer,
+                        LOG_GROUP,
+                        self.consumer,
+                        _CLAIM_IDLE_MS,
+                        count=self.settings.log_batch_size,
+                    )
                     next_claim_at = time.monotonic() + _CLAIM_IDLE_MS / 2000
                     read_pending = True
-                reply = self.client.xreadgroup(
-                    LOG_GROUP, self.consumer, {self.keys.log_buffer: "0" if read_pending else ">"},
+                reply: Any = self.client.xreadgroup(
+                    LOG_GROUP,
+                    self.consumer,
+                    {self.keys.log_buffer: "0" if read_pending else ">"},
                     count=self.settings.log_batch_size,
                     block=None if read_pending else self.settings.log_block_ms,
                 )
@@ -168,8 +230,12 @@ class LogWriter:
                     self.write(entries)
                     read_pending = True  # committed: our pending list is now what is left
                 backoff_s = 0.2
-            except (redis.RedisError, sa.exc.OperationalError, sa.exc.InterfaceError,
-                    sa.exc.ProgrammingError) as exc:
+            except (
+                redis.RedisError,
+                sa.exc.OperationalError,
+                sa.exc.InterfaceError,
+                sa.exc.ProgrammingError,
+            ) as exc:
                 # Records stay pending in Redis and are written once the outage ends.
                 log.warning("log writer: %s; retrying in %.1fs", str(exc).splitlines()[0], backoff_s)
                 read_pending = True
@@ -202,8 +268,12 @@ class LogWriter:
         pipe = self.client.pipeline(transaction=True)
         for entry_id, fields, reason in bad:
             log.error("log writer: record %r set aside: %s", entry_id, reason)
-            pipe.xadd(self.keys.log_rejected, {"id": entry_id, "reason": reason, **fields},
-                      maxlen=100_000, approximate=True)
+            pipe.xadd(
+                self.keys.log_rejected,
+                {"id": entry_id, "reason": reason, **fields},
+                maxlen=100_000,
+                approximate=True,
+            )
         ids = good + [b[0] for b in bad]
         if ids:
             pipe.xack(self.keys.log_buffer, LOG_GROUP, *ids)

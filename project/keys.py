@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ROUTER_GROUP", "LOG_GROUP", "Keys"]
+__all__ = ["LOG_GROUP", "ROUTER_GROUP", "Keys"]
 
 ROUTER_GROUP = "router"
 LOG_GROUP = "log-writer"

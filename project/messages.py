@@ -16,6 +16,7 @@ import base64
 import json
 import socket
 import uuid
+from typing import Any
 
 __all__ = ["build_task_message", "delivery_task_id"]
 
@@ -44,7 +45,7 @@ def build_task_message(
     ``envelope_json`` must already be validated JSON; it is embedded as the single argument.
     """
     body = f"[[{envelope_json}],{{}},{_EMBED}]"
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": task_name,
         "id": task_id,

@@ -89,9 +89,7 @@ def _import_tree(path: str) -> None:
     try:
         package = importlib.import_module(path)
     except ImportError as exc:
-        raise EventBusError(
-            f"EVENT_HANDLER_MODULES names {path!r}, which cannot be imported: {exc}"
-        ) from exc
+        raise EventBusError(f"EVENT_HANDLER_MODULES names {path!r}, which cannot be imported: {exc}") from exc
     for info in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=f"{path}."):
         importlib.import_module(info.name)
 

@@ -134,7 +134,7 @@ class Router:
                 backoff_s = min(backoff_s * 2, 5.0)
 
     def _read_and_dispatch(self, start: str, block_ms: int | None) -> int:
-        reply = self.client.xreadgroup(
+        reply: Any = self.client.xreadgroup(
             ROUTER_GROUP,
             self.consumer,
             {self.keys.stream: start},
@@ -150,14 +150,22 @@ class Router:
     def _claim_abandoned(self) -> None:
         """Take over entries pending too long for a consumer presumed dead (XAUTOCLAIM)."""
         s = self.settings
-        cursor, entries, *deleted = self.client.xautoclaim(
-            self.keys.stream, ROUTER_GROUP, self.consumer, s.router_claim_idle_ms,
-            start_id=self._claim_cursor, count=s.router_batch_size,
+        claimed: Any = self.client.xautoclaim(
+            self.keys.stream,
+            ROUTER_GROUP,
+            self.consumer,
+            s.router_claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=s.router_batch_size,
         )
+        cursor, entries, *deleted = claimed
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         if deleted and deleted[0]:
-            log.error("router: %d pending entries were trimmed from the stream before dispatch: %s",
-                      len(deleted[0]), deleted[0][:10])
+            log.error(
+                "router: %d pending entries were trimmed from the stream before dispatch: %s",
+                len(deleted[0]),
+                deleted[0][:10],
+            )
         if entries:
             log.info("router: took over %d entries abandoned by another router", len(entries))
             self.dispatch(entries)
@@ -217,10 +225,19 @@ class Router:
         for sub in self.registry.match(envelope.event_type):
             task_id = delivery_task_id(envelope.event_id, sub.name)
             deliveries.append([sub.name, sub.queue, task_id])
-            messages.append((sub.queue, build_task_message(
-                task_name=sub.name, task_id=task_id, queue=sub.queue, envelope_json=text,
-                event_type=envelope.event_type, event_id=envelope.event_id,
-            )))
+            messages.append(
+                (
+                    sub.queue,
+                    build_task_message(
+                        task_name=sub.name,
+                        task_id=task_id,
+                        queue=sub.queue,
+                        envelope_json=text,
+                        event_type=envelope.event_type,
+                        event_id=envelope.event_id,
+                    ),
+                )
+            )
         record = (
             f'{{"k":"e","at":{time.time():.6f},"d":{json.dumps(deliveries, separators=(",", ":"))},'
             f'"event":{text}}}'

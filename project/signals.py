@@ -27,15 +27,20 @@ def _record(task: Any, status: str, error: str | None = None, request: Any = Non
     args = req.args or ()
     event = args[0] if args and isinstance(args[0], dict) else {}
     try:
-        task.bus.sync_client().xadd(task.bus.keys.log_buffer, {"r": delivery_record(
-            event_id=str(event.get("event_id")),
-            handler=task.name,
-            queue=(req.delivery_info or {}).get("routing_key") or task.subscription.queue,
-            task_id=req.id,
-            status=status,
-            attempt=(req.retries or 0) + 1,
-            error=error[:4000] if error else None,
-        )})
+        task.bus.sync_client().xadd(
+            task.bus.keys.log_buffer,
+            {
+                "r": delivery_record(
+                    event_id=str(event.get("event_id")),
+                    handler=task.name,
+                    queue=(req.delivery_info or {}).get("routing_key") or task.subscription.queue,
+                    task_id=req.id,
+                    status=status,
+                    attempt=(req.retries or 0) + 1,
+                    error=error[:4000] if error else None,
+                )
+            },
+        )
     except Exception:  # recording must never fail the task itself
         log.exception("could not record %s of %s", status, task.name)
 

@@ -7,6 +7,8 @@ expire with their TTL. A user-level event deletes that user's current key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import redis
 
 from project.keys import Keys
@@ -28,14 +30,14 @@ class ActiveMemory:
 
     def get(self, user_id: str) -> dict[str, str]:
         """The user's cached fields, or an empty dict."""
-        raw = self.client.hgetall(self.keys.memory_user(self.generation(), user_id))
+        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.memory_user(self.generation(), user_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def put(self, user_id: str, fields: dict[str, str]) -> None:
+    def put(self, user_id: str, fields: Mapping[str, str]) -> None:
         """Cache ``fields`` for the user, with the TTL."""
         key = self.keys.memory_user(self.generation(), user_id)
         pipe = self.client.pipeline()
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=dict(fields))  # type: ignore[arg-type]
         pipe.expire(key, self.ttl_s)
         pipe.execute()
 

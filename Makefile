@@ -1,0 +1,37 @@
+# make run   - set everything up and run the dispatcher (router + log writer + a worker)
+# make test  - set everything up and run every test (unit and integration)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test unit lint bench migrate clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+migrate: $(STAMP)
+	scripts/ensure-services
+	$(BIN)/python scripts/create-database.py
+	$(BIN)/alembic upgrade head
+
+run: migrate
+	$(BIN)/honcho start
+
+test: $(STAMP)
+	scripts/ensure-services
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,259 @@
+"""Real Redis, real PostgreSQL, real router and Celery worker processes, isolated per test.
+
+Each test gets its own EVENTS_PREFIX (so its own stream, queues and keys) and its own
+database, copied from a template migrated once per session with ``alembic upgrade head``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import redis
+import sqlalchemy as sa
+
+from project.bus import EventBus
+from project.settings import Settings
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+HANDLERS = "tests.integration.app"
+QUEUES = "alpha,beta,gamma"
+
+pytestmark = pytest.mark.integration
+
+
+def _pg_admin(sql: str) -> None:
+    conn = psycopg2.connect(PG_DSN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def _db_url(name: str) -> str:
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def template_db() -> Iterator[str]:
+    name = f"eventbus_tmpl_{os.getpid()}"
+    _pg_admin(f"DROP DATABASE IF EXISTS {name}")
+    _pg_admin(f"CREATE DATABASE {name}")
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={_db_url(name)}", "upgrade", "head"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    yield name
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = f"t{uuid.uuid4().hex[:12]}"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{value}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def database(template_db: str, prefix: str) -> Iterator[str]:
+    name = f"eb_{prefix}"
+    _pg_admin(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    yield name
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class Stack:
+    """The processes of one test's environment, and clients to inspect it."""
+
+    prefix: str
+    database: str
+    workdir: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(**{k.lower(): v for k, v in self.env.items() if k.lower() in Settings.model_fields})
+
+    def bus(self) -> EventBus:
+        return EventBus(self.settings)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(REDIS_URL)
+
+    def engine(self) -> sa.Engine:
+        return sa.create_engine(self.env["DATABASE_URL"], poolclass=sa.pool.NullPool)
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        engine = self.engine()
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(sa.text(sql), params))
+        finally:
+            engine.dispose()
+
+    def wait_query(self, sql: str, until: Any, timeout_s: float = 30.0, **params: Any) -> list[Any]:
+        """Run ``sql`` until ``until(rows)`` holds; return those rows."""
+        result: list[Any] = []
+
+        def check() -> bool:
+            nonlocal result
+            result = self.query(sql, **params)
+            return bool(until(result))
+
+        wait_for(check, timeout_s=timeout_s, what=f"{sql!r} to satisfy the condition (last: {result[:5]})")
+        return result
+
+    def wait_runs(self, count: int, timeout_s: float = 60.0) -> dict[str, int]:
+        """Wait until ``count`` distinct (event_id, handler) pairs ran; return the run counts."""
+        wait_for(lambda: len(self.runs()) >= count, timeout_s=timeout_s, what=f"{count} handler runs")
+        return self.runs()
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until the router group and the log writer have read and acknowledged everything."""
+        keys = self.bus().keys
+
+        def idle() -> bool:
+            for stream in (keys.stream, keys.log_buffer):
+                if not self.redis.exists(stream):
+                    continue
+                groups = self.redis.xinfo_groups(stream)
+                if not groups or any(g["pending"] or g["lag"] for g in groups):
+                    return False
+            return True
+
+        wait_for(idle, timeout_s=timeout_s, what="router and log writer to catch up")
+
+    def queue_length(self, queue: str) -> int:
+        return int(self.redis.llen(self.bus().keys.celery_queue(queue)))
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def start(
+        self, name: str, *argv: str, ready: str | None = None, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.env, **extra_env}
+        with self.log_path(name).open("ab") as out:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        if ready is not None:
+            wait_for(
+                lambda: proc.poll() is not None or ready in self.log_path(name).read_text(errors="replace"),
+                timeout_s=60,
+                what=f"{name} to be ready",
+            )
+            assert proc.poll() is None, f"{name} exited:\n{self.log_path(name).read_text()}"
+        return proc
+
+    def start_router(self, name: str = "router", *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        return self.start(
+            name,
+            sys.executable,
+            "-m",
+            "project.cli",
+            "router",
+            *args,
+            ready="subscriptions, prefix",
+            **extra_env,
+        )
+
+    def start_worker(
+        self, name: str = "worker", queues: str = QUEUES, concurrency: int = 2, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
+        return self.start(
+            name,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "project.celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-P",
+            "prefork",
+            "-n",
+            f"{name}-{self.prefix}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+            ready=" ready.",
+            **extra_env,
+        )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def log(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")
+
+    def runs(self) -> dict[str, int]:
+        """How often each (event_id, handler) ran, as recorded by the test handlers."""
+        raw = self.redis.hgetall(f"{self.prefix}:test:runs")
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+@pytest.fixture
+def stack(prefix: str, database: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    env = {
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": _db_url(database),
+        "EVENTS_PREFIX": prefix,
+        "EVENT_HANDLER_MODULES": HANDLERS,
+        "EVENTS_MAX_HOPS": "3",
+        "ROUTER_CLAIM_IDLE_MS": "1000",
+        "ROUTER_BLOCK_MS": "200",
+        "LOG_BLOCK_MS": "200",
+        "LOG_RETRY_MAX_S": "0.5",
+        "DELIVERY_BACKOFF_S": "0.05",
+        "DELIVERY_BACKOFF_MAX_S": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    s = Stack(prefix=prefix, database=database, workdir=tmp_path, env=env)
+    yield s
+    for name in list(s.procs):
+        s.stop(name)
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for log in sorted(tmp_path.glob("*.log")):
+            sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-6000:]}\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

@@ -1,0 +1,155 @@
+"""Malformed stream entries and hostile task messages never stop the router or a worker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import uuid
+from pathlib import Path
+
+from project.messages import build_task_message, delivery_task_id
+from tests.conftest import wait_for
+from tests.integration.conftest import Stack
+
+
+def _valid(**overrides: object) -> dict[str, object]:
+    envelope: dict[str, object] = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "user.birth_data.updated",
+        "user_id": 1,
+        "data": {},
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "module": "m",
+        "causation_id": None,
+        "correlation_id": None,
+        "hops": 0,
+    }
+    envelope.update(overrides)
+    return envelope
+
+
+def _malformed_entries() -> list[dict[bytes | str, bytes | str]]:
+    kinds: list[dict[bytes | str, bytes | str]] = [
+        {"e": "{not json"},
+        {"e": "[1, 2, 3]"},
+        {"e": json.dumps(_valid(hops="three"))},
+        {"e": json.dumps(_valid(hops=-1))},
+        {"e": json.dumps(_valid(unknown_field=1))},
+        {"e": json.dumps(_valid(event_type="Bad.Name"))},
+        {"e": json.dumps(_valid(event_type="a.*.c"))},
+        {"e": json.dumps(_valid(event_type="single"))},
+        {"e": json.dumps(_valid(event_id="not-a-uuid"))},
+        {"e": json.dumps(_valid(data=[1, 2]))},
+        {"e": json.dumps(_valid(timestamp="yesterday"))},
+        {"e": json.dumps(_valid(data={"blob": "x" * 200_000}))},
+        {"e": json.dumps({"event_type": "user.created"})},
+        {"e": b"\xff\xfe\x00binary"},
+        {"other": "field"},
+        {"e": json.dumps(_valid()), "extra": "field"},
+        {"e": "null"},
+        {"e": json.dumps(_valid(user_id={"nested": True}))},
+        {"e": json.dumps(_valid(user_id=True))},
+        {"e": "1e999999"},
+    ]
+    return [kinds[i % len(kinds)] for i in range(100)]
+
+
+def test_malformed_entries_are_dead_lettered_and_the_router_keeps_going(stack: Stack) -> None:
+    stack.start_worker(queues="alpha")
+    stack.start_router()
+    bus = stack.bus()
+    keys = bus.keys
+    ids = []
+    for bad in _malformed_entries():
+        stack.redis.xadd(keys.stream, bad)
+        ids.append(bus.publish_sync("user.birth_data.updated", user_id="u1"))
+
+    runs = stack.wait_runs(100)
+    assert runs == {f"{i}:on_birth_data": 1 for i in ids}
+    wait_for(lambda: stack.redis.xlen(keys.dead_letter) == 100, what="100 dead letters")
+    for _, fields in stack.redis.xrange(keys.dead_letter):
+        assert fields[b"reason"], fields
+        assert fields[b"id"]
+    reasons = {fields[b"reason"].decode() for _, fields in stack.redis.xrange(keys.dead_letter)}
+    assert any("hops" in r for r in reasons) and any("event_type" in r for r in reasons)
+    assert any("over the limit" in r for r in reasons)
+
+    assert stack.procs["router"].poll() is None
+    later = bus.publish_sync("user.birth_data.updated", user_id="u2")
+    wait_for(lambda: stack.runs().get(f"{later}:on_birth_data") == 1, what="a later event")
+    stack.settle()
+    logged = stack.query("SELECT event_id::text FROM events_log")
+    assert {r.event_id for r in logged} == {*ids, later}
+
+
+class _Exploit:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (self.path,))
+
+
+def test_pickled_message_is_refused_and_the_worker_keeps_working(stack: Stack, tmp_path: Path) -> None:
+    stack.start_worker(queues="alpha")
+    marker = tmp_path / "pickle-ran"
+    task_id = str(uuid.uuid4())
+    message = json.loads(
+        build_task_message(
+            task_name="tests.integration.app.on_birth_data",
+            task_id=task_id,
+            queue="alpha",
+            envelope_json="{}",
+            event_type="user.birth_data.updated",
+            event_id=task_id,
+        )
+    )
+    message["content-type"] = "application/x-python-serialize"
+    message["content-encoding"] = "binary"
+    message["body"] = base64.b64encode(pickle.dumps(((_Exploit(str(marker)),), {}, {}))).decode()
+    stack.redis.lpush(stack.bus().keys.celery_queue("alpha"), json.dumps(message))
+
+    wait_for(
+        lambda: (
+            "ContentDisallowed: Refusing to deserialize untrusted content of type pickle"
+            in stack.log("worker")
+        ),
+        what="the worker to refuse the pickled message",
+    )
+    assert not marker.exists()
+    assert stack.procs["worker"].poll() is None
+
+    stack.start_router()
+    event_id = stack.bus().publish_sync("user.birth_data.updated", user_id="u1")
+    wait_for(lambda: stack.runs().get(f"{event_id}:on_birth_data") == 1, what="a valid event after it")
+    assert not marker.exists()
+    assert stack.queue_length("alpha") == 0  # refused and removed, not redelivered forever
+
+
+def test_task_arriving_again_after_success_is_skipped(stack: Stack) -> None:
+    stack.start_worker(queues="alpha")
+    envelope = _valid()
+    handler = "tests.integration.app.on_birth_data"
+    task_id = delivery_task_id(str(envelope["event_id"]), handler)
+    queue_key = stack.bus().keys.celery_queue("alpha")
+
+    def send() -> None:
+        stack.redis.lpush(
+            queue_key,
+            build_task_message(
+                task_name=handler,
+                task_id=task_id,
+                queue="alpha",
+                envelope_json=json.dumps(envelope),
+                event_type="user.birth_data.updated",
+                event_id=str(envelope["event_id"]),
+            ),
+        )
+
+    send()
+    wait_for(lambda: stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}, what="first run")
+    send()
+    wait_for(lambda: "'duplicate'" in stack.log("worker"), what="the copy to be skipped")
+    assert stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}
