@@ -18,8 +18,9 @@ migrate: $(STAMP)
 	$(BIN)/python scripts/create-database.py
 	$(BIN)/alembic upgrade head
 
+run: export PATH := $(abspath $(BIN)):$(PATH)
 run: migrate
-	$(BIN)/honcho start
+	honcho start
 
 test: $(STAMP)
 	scripts/ensure-services

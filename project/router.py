@@ -36,6 +36,7 @@ log = logging.getLogger("eventbus.router")
 
 _DEAD_LETTER_MAXLEN = 100_000
 _RAW_KEEP_BYTES = 8 * 1024
+_DEPARTED_IDLE_MS = 24 * 3600 * 1000
 
 # KEYS: stream, log buffer, dead-letter, then the Celery queue lists.
 # ARGV: group, consumer, dead-letter maxlen, then per entry:
@@ -171,7 +172,17 @@ class Router:
             self.dispatch(entries)
         if self._claim_cursor == "0-0":
             self._next_claim_at = time.monotonic() + s.router_claim_idle_ms / 2000
+            self._forget_departed()
         # otherwise more to claim: come back on the next turn
+
+    def _forget_departed(self) -> None:
+        # Every router start adds a consumer (host-pid) to the group; one that owns nothing
+        # and has been silent for long is gone for good, and would only clutter XINFO.
+        consumers: Any = self.client.xinfo_consumers(self.keys.stream, ROUTER_GROUP)
+        for c in consumers:
+            name = _text(c["name"])
+            if name != self.consumer and not c["pending"] and c["idle"] > _DEPARTED_IDLE_MS:
+                self.client.xgroup_delconsumer(self.keys.stream, ROUTER_GROUP, name)
 
     def dispatch(self, entries: Sequence[tuple[Any, Any]]) -> None:
         """Send the tasks of ``entries`` (read by this consumer) and acknowledge them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -45,13 +45,25 @@ class Settings(BaseSettings):
     delivery_max_retries: int = Field(5, ge=0)
     delivery_backoff_s: float = Field(1.0, gt=0)
     delivery_backoff_max_s: float = Field(300.0, gt=0)
-    # How long a succeeded (event_id, handler) is remembered, so a redelivered task is skipped.
-    delivery_done_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # Celery's Redis transport redelivers an unacknowledged task after this long.
     broker_visibility_timeout_s: int = Field(3600, gt=0)
+    # How long a succeeded (event_id, handler) is remembered, so a redelivered copy is
+    # skipped. Copies arrive within the visibility timeout, so this must outlast it; each
+    # marker costs ~100 bytes of Redis memory, so it should not be much longer.
+    delivery_done_ttl_s: int = Field(2 * 3600, gt=0)
 
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")
+
+    @model_validator(mode="after")
+    def _done_outlasts_redelivery(self) -> Settings:
+        if self.delivery_done_ttl_s <= self.broker_visibility_timeout_s:
+            raise ValueError(
+                f"DELIVERY_DONE_TTL_S ({self.delivery_done_ttl_s}) must be longer than "
+                f"BROKER_VISIBILITY_TIMEOUT_S ({self.broker_visibility_timeout_s}), or a task "
+                "redelivered after a lost worker could run twice"
+            )
+        return self
 
     @field_validator("event_handler_modules", mode="before")
     @classmethod
