@@ -43,4 +43,21 @@ task_send_sent_event = False
 enable_utc = True
 timezone = "UTC"
 
-beat_schedule: dict[str, dict[str, object]] = {}
+# The application's own tasks (the per-handler tasks are registered when a worker starts).
+imports = ("tasks.cosmic", "tasks.synthesis")
+
+# Periodic cosmic checks. Only the beat holding the leader lock in Redis sends them.
+beat_scheduler = "project.beat:LeaderScheduler"
+beat_max_loop_interval = 5
+beat_schedule = {
+    "check-solar-storms": {
+        "task": "tasks.cosmic.check_solar_storms",
+        "schedule": _settings.storm_check_interval_s,
+        "options": {"queue": "cosmic", "expires": _settings.storm_check_interval_s},
+    },
+    "check-full-moon": {
+        "task": "tasks.cosmic.check_full_moon",
+        "schedule": _settings.full_moon_check_interval_s,
+        "options": {"queue": "cosmic", "expires": _settings.full_moon_check_interval_s},
+    },
+}

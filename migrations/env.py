@@ -8,7 +8,8 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from project.settings import get_settings
-from project.tables import metadata
+from project.tables import metadata as eventlog_metadata
+from tasks.tables import metadata as application_metadata
 
 config = context.config
 if config.config_file_name is not None:
@@ -18,7 +19,7 @@ url = context.get_x_argument(as_dictionary=True).get("url") or get_settings().da
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    context.configure(url=url, target_metadata=[eventlog_metadata, application_metadata], literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -26,7 +27,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(url)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=metadata)
+        context.configure(connection=connection, target_metadata=[eventlog_metadata, application_metadata])
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

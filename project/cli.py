@@ -51,9 +51,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
         writer.start()
     router = Router(get_settings(), event_bus.registry, consumer=args.consumer)
-    log.info(
-        "router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry), router.keys.prefix
-    )
+    log.info("router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry), router.keys.prefix)
     router.run(stop)
     if writer is not None:
         writer.join(timeout=10)
@@ -82,9 +80,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     """Print every subscription: pattern(s), handler, queue."""
     event_bus.load_modules()
     rows = [(", ".join(s.patterns), s.name, s.queue) for s in event_bus.registry]
-    widths = [
-        max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("PATTERN", "HANDLER", "QUEUE"))
-    ]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("PATTERN", "HANDLER", "QUEUE"))]
     for row in [("PATTERN", "HANDLER", "QUEUE"), *rows]:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
     return 0
@@ -119,6 +115,19 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Create a user with birth data, publish user.birth_data.updated, and watch the chain."""
+    import sqlalchemy as sa
+
+    from project.demo import run_demo
+
+    engine = sa.create_engine(get_settings().database_url)
+    try:
+        return run_demo(event_bus, engine, args.wait_s, sys.stdout)
+    finally:
+        engine.dispose()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventbus", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -146,15 +155,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="#")
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("demo", help="create a user, publish user.birth_data.updated, watch the chain")
+    p.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the chain (0: do not)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except EventBusError as exc:

@@ -63,9 +63,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         except Exception as exc:
             retries = self.request.retries
             if retries < sub.max_retries:
-                raise self.retry(
-                    exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries
-                ) from exc
+                raise self.retry(exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries) from exc
             self._report_dead(event, exc, attempts=retries + 1)
             raise
         client.set(done_key, 1, ex=bus.settings.delivery_done_ttl_s)
@@ -73,9 +71,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def _report_dead(self, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
         sub = self.subscription
-        log.error(
-            "%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc
-        )
+        log.error("%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc)
         if event.get("event_type") == MODULE_ERROR:
             return  # a failing module.error handler must not feed itself
         # The report is caused by the failed event but starts its hop count afresh: a chain

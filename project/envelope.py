@@ -74,9 +74,7 @@ def encode_envelope(
         if user_id is None:
             user_id = inner
         elif inner is not None and str(inner) != str(user_id):
-            raise InvalidEventData(
-                f"user_id={user_id!r} contradicts data['user_id']={inner!r}; give one of them"
-            )
+            raise InvalidEventData(f"user_id={user_id!r} contradicts data['user_id']={inner!r}; give one of them")
     if isinstance(user_id, uuid.UUID):
         user_id = str(user_id)
     elif user_id is not None and (not isinstance(user_id, str | int) or isinstance(user_id, bool)):

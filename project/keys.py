@@ -63,6 +63,25 @@ class Keys:
         return f"{self.prefix}:done:{task_id}"
 
     @property
+    def storm_state(self) -> str:
+        """The solar storm in progress, if any: one event per storm, not per poll."""
+        return f"{self.prefix}:cosmic:storm"
+
+    def full_moon(self, moon: str) -> str:
+        """Set once the full moon at ``moon`` (ISO date-time) has been announced."""
+        return f"{self.prefix}:cosmic:full_moon:{moon}"
+
+    @property
+    def cosmic_latest(self) -> str:
+        """The latest cosmic conditions, folded into every synthesis."""
+        return f"{self.prefix}:cosmic:latest"
+
+    @property
+    def beat_lock(self) -> str:
+        """Held by the one beat process that schedules."""
+        return f"{self.prefix}:beat:leader"
+
+    @property
     def memory_generation(self) -> str:
         """Counter whose increment invalidates every user's working memory at once."""
         return f"{self.prefix}:memory:generation"

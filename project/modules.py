@@ -64,23 +64,17 @@ class BaseModule:
             raise EventBusError(f"module {self.name!r} is already initialized")
         self.initialized = True
 
-    def subscribe(
-        self, pattern: str | Sequence[str], handler: Callable[..., Any], **options: Any
-    ) -> Subscription:
+    def subscribe(self, pattern: str | Sequence[str], handler: Callable[..., Any], **options: Any) -> Subscription:
         """Subscribe ``handler`` on this module's queue; see :meth:`EventBus.subscribe`."""
         options.setdefault("queue", self.queue)
         result: Subscription = self.bus.subscribe(pattern, handler, **options)
         return result
 
-    async def publish(
-        self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None
-    ) -> str:
+    async def publish(self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None) -> str:
         """Publish an event as this module; see :meth:`EventBus.publish`."""
         return await self.bus.publish(event_type, data, user_id=user_id, module=self.name)
 
-    def publish_sync(
-        self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None
-    ) -> str:
+    def publish_sync(self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None) -> str:
         """Publish an event as this module from synchronous code."""
         return self.bus.publish_sync(event_type, data, user_id=user_id, module=self.name)
 

@@ -250,8 +250,7 @@ class Router:
                 )
             )
         record = (
-            f'{{"k":"e","at":{time.time():.6f},"d":{json.dumps(deliveries, separators=(",", ":"))},'
-            f'"event":{text}}}'
+            f'{{"k":"e","at":{time.time():.6f},"d":{json.dumps(deliveries, separators=(",", ":"))},"event":{text}}}'
         )
         return record, messages
 

@@ -52,8 +52,20 @@ class Settings(BaseSettings):
     # marker costs ~100 bytes of Redis memory, so it should not be much longer.
     delivery_done_ttl_s: int = Field(2 * 3600, gt=0)
 
+    flower_address: str = "127.0.0.1"
+    flower_port: int = Field(5555, gt=0, lt=65536)
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")
+
+    # The application: cosmic checks run by celery beat, synthesis fan-out, working memory.
+    noaa_kp_url: str = "https://services.swpc.noaa.gov/products/noaa-planetary-k-index.json"
+    noaa_timeout_s: float = Field(10.0, gt=0)
+    storm_check_interval_s: float = Field(900.0, gt=0)
+    full_moon_check_interval_s: float = Field(3600.0, gt=0)
+    # Only one beat process schedules; the others wait for its lock to lapse.
+    beat_lock_ttl_s: float = Field(30.0, gt=0)
+    synthesis_chunk_size: int = Field(500, gt=0)
+    memory_ttl_s: int = Field(3600, gt=0)
 
     @model_validator(mode="after")
     def _done_outlasts_redelivery(self) -> Settings:

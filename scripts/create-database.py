@@ -9,9 +9,7 @@ from project.settings import get_settings
 url = sa.make_url(get_settings().database_url)
 admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
 with admin.connect() as conn:
-    exists = conn.execute(
-        sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
-    ).first()
+    exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}).first()
     if not exists:
         conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
         print(f"created database {url.database}")

@@ -152,9 +152,7 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start(
-        self, name: str, *argv: str, ready: str | None = None, **extra_env: str
-    ) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *argv: str, ready: str | None = None, **extra_env: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.env, **extra_env}
         with self.log_path(name).open("ab") as out:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -112,10 +112,7 @@ def test_pickled_message_is_refused_and_the_worker_keeps_working(stack: Stack, t
     stack.redis.lpush(stack.bus().keys.celery_queue("alpha"), json.dumps(message))
 
     wait_for(
-        lambda: (
-            "ContentDisallowed: Refusing to deserialize untrusted content of type pickle"
-            in stack.log("worker")
-        ),
+        lambda: "ContentDisallowed: Refusing to deserialize untrusted content of type pickle" in stack.log("worker"),
         what="the worker to refuse the pickled message",
     )
     assert not marker.exists()

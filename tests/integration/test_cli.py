@@ -42,9 +42,7 @@ def test_publish_is_seen_by_tail_and_dispatched(stack: Stack) -> None:
     )
     out = _eventbus(stack, "publish", "cosmic.full_moon")  # does not match the tail's pattern
     assert out.returncode == 0, out.stderr
-    out = _eventbus(
-        stack, "publish", "user.birth_data.updated", "--data", '{"source": "cli"}', "--user", "u9"
-    )
+    out = _eventbus(stack, "publish", "user.birth_data.updated", "--data", '{"source": "cli"}', "--user", "u9")
     assert out.returncode == 0, out.stderr
     event_id = out.stdout.strip()
     assert tail.wait(timeout=30) == 0

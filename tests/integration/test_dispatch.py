@@ -35,9 +35,7 @@ def test_application_publish_call_reaches_handler_and_events_log(stack: Stack) -
     assert event["data"]["timestamp"] == stamp
     assert event["event_type"] == "cosmic.solar_storm.detected"
 
-    rows = wait_for(
-        lambda: stack.query("SELECT event_type, user_id, data, hops FROM events_log"), what="log row"
-    )
+    rows = wait_for(lambda: stack.query("SELECT event_type, user_id, data, hops FROM events_log"), what="log row")
     assert [tuple(r) for r in rows] == [
         (
             "cosmic.solar_storm.detected",

@@ -58,9 +58,7 @@ def test_invalid_event_names_are_refused(name: Any) -> None:
 
 def test_applications_payload_keys_are_lifted_into_the_envelope() -> None:
     stamp = datetime.now(UTC).isoformat()
-    env = _encode(
-        "cosmic.solar_storm.detected", {"kp_index": 8, "severity": "G4", "timestamp": stamp, "user_id": 42}
-    )
+    env = _encode("cosmic.solar_storm.detected", {"kp_index": 8, "severity": "G4", "timestamp": stamp, "user_id": 42})
     assert env["user_id"] == 42
     assert env["data"] == {"kp_index": 8, "severity": "G4", "timestamp": stamp, "user_id": 42}
     assert uuid.UUID(env["event_id"])
@@ -79,9 +77,7 @@ def test_data_must_be_a_json_object() -> None:
         _encode("user.created", [1, 2])
 
 
-@pytest.mark.parametrize(
-    "data", [{"when": datetime.now(UTC)}, {"x": {1, 2}}, {"nan": float("nan")}, {"o": object()}]
-)
+@pytest.mark.parametrize("data", [{"when": datetime.now(UTC)}, {"x": {1, 2}}, {"nan": float("nan")}, {"o": object()}])
 def test_data_that_is_not_json_serialisable_is_refused(data: dict[str, Any]) -> None:
     with pytest.raises(PayloadNotSerializable, match=r"user\.created"):
         _encode("user.created", data)

@@ -1,0 +1,29 @@
+"""Solar module: a user's new birth data gives a new solar profile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from project.modules import BaseModule
+from tasks import solar
+from tasks.db import engine
+
+
+class SolarModule(BaseModule):
+    """Subscribes in ``initialize()``; runs on the ``solar`` queue."""
+
+    async def initialize(self) -> None:
+        await super().initialize()
+        self.subscribe("user.birth_data.updated", self.recalculate)
+
+    def recalculate(self, event: dict[str, Any]) -> None:
+        """Recompute and store the profile, then announce it."""
+        user_id = int(event["user_id"])
+        with engine().begin() as conn:
+            profile = solar.recalculate(conn, user_id, event["event_id"])
+        if profile is not None:
+            self.publish_sync(
+                "module.profile.calculated",
+                {"module": self.name, "sun_sign": profile["sun_sign"]},
+                user_id=user_id,
+            )

@@ -1,0 +1,72 @@
+"""A beat scheduler that schedules only while it holds a lock in Redis.
+
+Two beat processes started by mistake would each send every periodic task. Rather than
+make each task deduplicate itself, only the beat that holds ``<prefix>:beat:leader`` sends;
+the others tick idle and take over when the holder stops renewing (after
+``BEAT_LOCK_TTL_S``). A lock in front of the stock in-memory scheduler was chosen over a
+Redis-backed schedule store because it needs no third-party scheduler and keeps beat's own
+due-time logic; the cosmic checks are also idempotent, so the one double run a takeover can
+cause is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import redis
+from celery.beat import Scheduler
+
+from project.keys import Keys
+from project.settings import get_settings
+
+__all__ = ["LeaderScheduler"]
+
+log = logging.getLogger("eventbus.beat")
+
+# Take the lock if it is free, or extend it if it is ours; atomically.
+_HOLD_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+class LeaderScheduler(Scheduler):  # type: ignore[misc]
+    """Celery's in-memory scheduler, active only in the one beat that holds the lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = get_settings()
+        self._lock_key = Keys(settings.events_prefix).beat_lock
+        self._lock_ttl_ms = int(settings.beat_lock_ttl_s * 1000)
+        self._token = uuid.uuid4().hex
+        self._client = redis.Redis.from_url(settings.redis_url)
+        self._hold = self._client.register_script(_HOLD_LUA)
+        self._leading = False
+        super().__init__(*args, **kwargs)
+        # Renew well within the TTL, however long the next task is away.
+        self.max_interval: float = min(float(self.max_interval), settings.beat_lock_ttl_s / 3)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            leading = bool(self._hold(keys=[self._lock_key], args=[self._token, self._lock_ttl_ms]))
+        except redis.RedisError as exc:
+            log.warning("beat: cannot reach Redis for the leader lock (%s); not scheduling", exc)
+            leading = False
+        if leading != self._leading:
+            log.info("beat: %s", "now scheduling (holds the leader lock)" if leading else "standing by")
+            self._leading = leading
+        if not leading:
+            return float(self.max_interval)
+        return float(super().tick(*args, **kwargs))
+
+    def close(self) -> None:
+        if self._leading:  # hand over at once instead of after the TTL
+            self._client.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                1, self._lock_key, self._token,
+            )  # fmt: skip
+        super().close()

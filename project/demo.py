@@ -1,0 +1,78 @@
+"""``eventbus demo``: create a user with birth data, publish, and watch the chain complete."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from project.bus import EventBus
+from project.tables import event_deliveries, events_log
+
+__all__ = ["CHAIN", "run_demo"]
+
+CHAIN = ("user.birth_data.updated", "module.profile.calculated", "synthesis.completed")
+
+
+def create_demo_user(engine: sa.Engine, name: str, born_at: datetime) -> int:
+    """Insert a user and their birth data; return the user's id."""
+    from tasks.tables import birth_data, users
+
+    with engine.begin() as conn:
+        user_id = int(conn.execute(sa.insert(users).values(name=name).returning(users.c.id)).scalar_one())
+        conn.execute(sa.insert(birth_data).values(user_id=user_id, born_at=born_at, place="Paris"))
+    return user_id
+
+
+def chain_state(engine: sa.Engine, correlation_id: str) -> tuple[list[Any], list[Any]]:
+    """The events of the chain started by ``correlation_id``, and their deliveries."""
+    with engine.connect() as conn:
+        events = list(
+            conn.execute(
+                sa.select(events_log.c.event_id, events_log.c.event_type, events_log.c.hops)
+                .where(events_log.c.correlation_id == correlation_id)
+                .order_by(events_log.c.hops, events_log.c.occurred_at)
+            )
+        )
+        deliveries = list(
+            conn.execute(
+                sa.select(event_deliveries.c.event_id, event_deliveries.c.handler, event_deliveries.c.status).where(
+                    event_deliveries.c.event_id.in_([e.event_id for e in events])
+                )
+            )
+        )
+    return events, deliveries
+
+
+def run_demo(bus: EventBus, engine: sa.Engine, wait_s: float, out: Any) -> int:
+    """Run the demo; 0 once the whole chain is logged and every delivery succeeded."""
+    born_at = datetime(1990, 7, 14, 6, 30, tzinfo=UTC)
+    user_id = create_demo_user(engine, "Demo User", born_at)
+    print(f"created user {user_id}, born {born_at.isoformat()} in Paris", file=out)
+    root = bus.publish_sync("user.birth_data.updated", {"user_id": user_id}, module="demo")
+    print(f"published user.birth_data.updated {root}", file=out)
+    if wait_s <= 0:
+        return 0
+    deadline = time.monotonic() + wait_s
+    shown: set[tuple[str, str]] = set()
+    while True:
+        events, deliveries = chain_state(engine, root)
+        for d in deliveries:
+            if (str(d.event_id), d.status) not in shown and d.status in ("succeeded", "dead"):
+                shown.add((str(d.event_id), d.status))
+        types = [e.event_type for e in events]
+        done = all(t in types for t in CHAIN) and deliveries and all(d.status == "succeeded" for d in deliveries)
+        if done:
+            for e in events:
+                handlers = [f"{d.handler} {d.status}" for d in deliveries if d.event_id == e.event_id]
+                print(f"  hop {e.hops}: {e.event_type}  ->  {', '.join(handlers) or 'no subscribers'}", file=out)
+            print("the chain is complete: every delivery succeeded", file=out)
+            return 0
+        if time.monotonic() > deadline:
+            print(f"timed out after {wait_s}s: events so far {types}; deliveries "
+                  f"{[(d.handler, d.status) for d in deliveries]}. Are the router and the workers running?",
+                  file=out)  # fmt: skip
+            return 1
+        time.sleep(0.2)
