@@ -13,17 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Uses REDIS_URL / DATABASE_URL, or the local defaults, or private servers under .run/.
 migrate: $(STAMP)
-	scripts/ensure-services
-	$(BIN)/python scripts/create-database.py
-	$(BIN)/alembic upgrade head
+	$(PYTHON) scripts/services.py
+	set -a && . .run/env && set +a && $(BIN)/python scripts/create-database.py && $(BIN)/alembic upgrade head
 
 run: export PATH := $(abspath $(BIN)):$(PATH)
 run: migrate
-	honcho start
+	honcho -e .run/env start
 
 test: $(STAMP)
 	scripts/ensure-services
+	scripts/install-test-tools
 	$(BIN)/pytest
 
 unit: $(STAMP)

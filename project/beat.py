@@ -45,7 +45,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self._token = uuid.uuid4().hex
         self._client = redis.Redis.from_url(settings.redis_url)
         self._hold = self._client.register_script(_HOLD_LUA)
-        self._leading = False
+        self._leading: bool | None = None  # unknown until the first tick
         super().__init__(*args, **kwargs)
         # Renew well within the TTL, however long the next task is away.
         self.max_interval: float = min(float(self.max_interval), settings.beat_lock_ttl_s / 3)

@@ -1,0 +1,249 @@
+"""The application around the dispatcher, run by real routers, workers and beat processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tasks.cosmic import FeedError, announce_full_moon, detect_solar_storm, fetch_kp_feed
+from tasks.memory import ActiveMemory
+from tasks.tables import birth_data, users
+from tests.conftest import wait_for
+from tests.integration.conftest import ROOT, Stack
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+APP_QUEUES = "solar,memory,synthesis,cosmic"
+
+
+@pytest.fixture
+def app_stack(stack: Stack) -> Stack:
+    stack.env["EVENT_HANDLER_MODULES"] = "handlers"
+    return stack
+
+
+class Feed:
+    """A local stand-in for the SWPC Kp feed: serves whatever the test sets."""
+
+    def __init__(self) -> None:
+        self.body = (DATA / "kp_quiet.json").read_bytes()
+        self.status = 200
+        self.delay_s = 0.0
+        self.hits = 0
+        feed = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                feed.hits += 1
+                time.sleep(feed.delay_s)
+                self.send_response(feed.status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(feed.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/products/noaa-planetary-k-index.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def serve(self, sample: str) -> None:
+        self.body = (DATA / sample).read_bytes()
+
+
+@pytest.fixture
+def feed() -> Iterator[Feed]:
+    f = Feed()
+    yield f
+    f.server.shutdown()
+    f.server.server_close()
+
+
+def _stream_events(stack: Stack, event_type: str) -> list[dict[str, object]]:
+    entries = stack.redis.xrange(stack.bus().keys.stream)
+    events = [json.loads(fields[b"e"]) for _, fields in entries]
+    return [e for e in events if e["event_type"] == event_type]
+
+
+def _add_users(stack: Stack, count: int, active: bool = True) -> list[int]:
+    engine = stack.engine()
+    with engine.begin() as conn:
+        ids = [
+            int(
+                conn.execute(
+                    sa.insert(users).values(name=f"user {i}", active=active).returning(users.c.id)
+                ).scalar_one()
+            )
+            for i in range(count)
+        ]
+        for uid in ids:
+            conn.execute(sa.insert(birth_data).values(user_id=uid, born_at=datetime(1985, 1, 1 + uid % 28, tzinfo=UTC)))
+    engine.dispose()
+    return ids
+
+
+def test_demo_runs_the_chain_to_synthesis_and_every_delivery_succeeds(app_stack: Stack) -> None:
+    app_stack.start_worker(queues=APP_QUEUES, concurrency=2)
+    app_stack.start_router()
+    out = subprocess.run(
+        [sys.executable, "-m", "project.cli", "demo", "--wait-s", "60"],
+        cwd=ROOT, env={**os.environ, **app_stack.env}, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "the chain is complete" in out.stdout
+    chain = app_stack.query("SELECT event_type, hops, correlation_id::text AS c FROM events_log ORDER BY hops")
+    assert [(r.event_type, r.hops) for r in chain] == [
+        ("user.birth_data.updated", 0), ("module.profile.calculated", 1), ("synthesis.completed", 2)
+    ]  # fmt: skip
+    assert len({r.c for r in chain}) == 1
+    statuses = app_stack.query("SELECT handler, status FROM event_deliveries ORDER BY handler")
+    assert [tuple(r) for r in statuses] == [
+        ("handlers.memory.ActiveWorkingMemoryModule.invalidate_user", "succeeded"),
+        ("handlers.solar.SolarModule.recalculate", "succeeded"),
+        ("handlers.synthesis.SynthesisEngineModule.on_profile", "succeeded"),
+    ]
+    profile = app_stack.query("SELECT profile FROM module_profiles WHERE module = 'solar'")[0].profile
+    assert profile["sun_sign"] == "cancer"
+    synthesis = app_stack.query("SELECT synthesis FROM syntheses")[0].synthesis
+    assert synthesis["modules"]["solar"] == profile
+    assert synthesis["summary"].startswith("Sun in Cancer")
+
+
+def test_working_memory_is_invalidated_per_user_and_globally_in_one_step(app_stack: Stack) -> None:
+    app_stack.start_worker(queues="memory")
+    app_stack.start_router()
+    bus = app_stack.bus()
+    memory = ActiveMemory(app_stack.redis, bus.keys, ttl_s=600)
+    memory.put("1", {"mood": "calm"})
+    memory.put("2", {"mood": "curious"})
+    assert app_stack.redis.ttl(bus.keys.memory_user(0, "1")) > 0
+
+    bus.publish_sync("user.birth_data.updated", {"user_id": 1})
+    wait_for(lambda: memory.get("1") == {}, what="user 1's memory to be dropped")
+    assert memory.get("2") == {"mood": "curious"}
+
+    bus.publish_sync("cosmic.full_moon", {"at": "2026-11-24T15:00"})
+    wait_for(lambda: memory.generation() == 1, what="the generation to move on")
+    assert memory.get("2") == {}
+    memory.put("2", {"mood": "new"})
+    assert memory.get("2") == {"mood": "new"}
+
+
+def test_global_cosmic_event_synthesizes_every_active_user_in_chunks(app_stack: Stack) -> None:
+    app_stack.env["SYNTHESIS_CHUNK_SIZE"] = "10"
+    active = _add_users(app_stack, 25)
+    _add_users(app_stack, 2, active=False)
+    app_stack.start_worker(queues="synthesis,memory", concurrency=2)
+    app_stack.start_router()
+    bus = app_stack.bus()
+    storm = bus.publish_sync("cosmic.solar_storm.detected", {"kp_index": 8, "severity": "G4"})
+
+    rows = app_stack.wait_query(
+        "SELECT user_id, synthesis, trigger_event_id::text AS trig FROM syntheses", until=lambda r: len(r) >= 25
+    )
+    assert sorted(r.user_id for r in rows) == active
+    assert all(r.trig == storm for r in rows)
+    assert "geomagnetic storm G4" in rows[0].synthesis["summary"]
+    assert app_stack.log("worker").count("Task tasks.synthesis.synthesize_chunk[") >= 3
+    received = [line for line in app_stack.log("worker").splitlines()
+                if "tasks.synthesis.synthesize_chunk[" in line and "received" in line]  # fmt: skip
+    assert len(received) == 3  # 25 users in chunks of 10
+    done = app_stack.wait_query(
+        "SELECT user_id, causation_id::text AS c FROM events_log WHERE event_type = 'synthesis.completed'",
+        until=lambda r: len(r) == 25,
+    )
+    assert {r.c for r in done} == {storm}
+
+
+def test_solar_storm_is_published_once_per_storm_and_bad_feeds_publish_nothing(app_stack: Stack, feed: Feed) -> None:
+    bus = app_stack.bus()
+
+    def poll() -> str | None:
+        return detect_solar_storm(bus, fetch_kp_feed(feed.url, timeout_s=2))
+
+    assert poll() is None  # quiet
+    feed.serve("kp_storm.json")
+    first = poll()
+    assert first is not None
+    assert poll() is None and poll() is None  # the same storm, polled again
+    feed.serve("kp_quiet.json")
+    assert poll() is None  # the storm is over
+    feed.serve("kp_storm_objects.json")
+    second = poll()
+    assert second is not None and second != first
+
+    events = _stream_events(app_stack, "cosmic.solar_storm.detected")
+    assert [(e["event_id"], e["data"]["severity"], e["data"]["kp_index"]) for e in events] == [  # type: ignore[index]
+        (first, "G4", 8.33), (second, "G5", 9.0)
+    ]  # fmt: skip
+
+    feed.serve("kp_malformed.json")
+    with pytest.raises(FeedError, match="not JSON"):
+        poll()
+    feed.status, feed.body = 503, b"<html>Service Unavailable</html>"
+    with pytest.raises(FeedError):
+        poll()
+    feed.status, feed.delay_s = 200, 3.0
+    feed.serve("kp_storm.json")
+    with pytest.raises(FeedError, match="timed out"):
+        fetch_kp_feed(feed.url, timeout_s=0.5)
+    with pytest.raises(FeedError, match="cannot fetch"):
+        fetch_kp_feed("http://127.0.0.1:9/nothing-listens-here", timeout_s=1)
+    assert len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 2
+
+
+def test_full_moon_is_announced_once(app_stack: Stack) -> None:
+    bus = app_stack.bus()
+    after = datetime(2024, 1, 25, 20, 0, tzinfo=UTC)  # full moon at 17:54 UTC
+    first = announce_full_moon(bus, after)
+    assert first is not None
+    assert announce_full_moon(bus, after.replace(hour=23)) is None
+    assert announce_full_moon(bus, datetime(2024, 2, 3, tzinfo=UTC)) is None  # a week later: not full
+    events = _stream_events(app_stack, "cosmic.full_moon")
+    assert [e["event_id"] for e in events] == [first]
+    assert events[0]["data"]["at"] in ("2024-01-25T17:53+00:00", "2024-01-25T17:54+00:00")  # type: ignore[index]
+
+
+def _sends(stack: Stack, name: str) -> int:
+    return stack.log(name).count("Sending due task check-solar-storms")
+
+
+def test_two_beats_fire_each_check_once_per_interval_and_the_standby_takes_over(app_stack: Stack, feed: Feed) -> None:
+    feed.body = b"this is not json"  # a broken feed must not hurt beat or the worker
+    env = {"NOAA_KP_URL": feed.url, "STORM_CHECK_INTERVAL_S": "1", "FULL_MOON_CHECK_INTERVAL_S": "1",
+           "BEAT_LOCK_TTL_S": "3"}  # fmt: skip
+    app_stack.env.update(env)
+    app_stack.start_worker(queues="cosmic", concurrency=1)
+    beat = [sys.executable, "-m", "celery", "-A", "project.celery_app", "beat", "--loglevel", "INFO"]
+    app_stack.start("beat-1", *beat, ready="beat: Starting")
+    app_stack.start("beat-2", *beat, ready="beat: Starting")
+    wait_for(lambda: _sends(app_stack, "beat-1") + _sends(app_stack, "beat-2") >= 6, timeout_s=30, what="6 sends")
+    counts = {name: _sends(app_stack, name) for name in ("beat-1", "beat-2")}
+    leader = max(counts, key=lambda n: counts[n])
+    standby = "beat-2" if leader == "beat-1" else "beat-1"
+    assert counts[standby] == 0, counts
+    assert "standing by" in app_stack.log(standby)
+
+    feed.serve("kp_storm.json")
+    wait_for(lambda: len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 1, what="the storm event")
+    assert "solar storm check skipped" in app_stack.log("worker")  # the garbage feed was logged
+
+    app_stack.procs[leader].send_signal(signal.SIGKILL)
+    app_stack.procs[leader].wait()
+    wait_for(lambda: _sends(app_stack, standby) >= 3, timeout_s=30, what="the standby to take over")
+    assert app_stack.procs["worker"].poll() is None
+    hits_before = feed.hits
+    wait_for(lambda: feed.hits >= hits_before + 2, what="polls to go on")
+    assert len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 1  # still one event for the storm

@@ -1,0 +1,62 @@
+"""The application's pure parts: the solar profile, the Kp feed and the storm scale."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tasks.cosmic import FeedError, parse_kp_feed, storm_severity
+from tasks.solar import solar_profile
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize(
+    ("moment", "longitude", "sign"),
+    [
+        (datetime(2000, 3, 20, 7, 35, tzinfo=UTC), 0.0, "aries"),  # March equinox 2000
+        (datetime(2000, 6, 21, 1, 48, tzinfo=UTC), 90.0, "cancer"),  # June solstice
+        (datetime(2000, 9, 22, 17, 28, tzinfo=UTC), 180.0, "libra"),  # September equinox
+        (datetime(2000, 12, 21, 13, 37, tzinfo=UTC), 270.0, "capricorn"),  # December solstice
+    ],
+)
+def test_sun_longitude_at_equinoxes_and_solstices(moment: datetime, longitude: float, sign: str) -> None:
+    profile = solar_profile(moment)
+    delta = (profile["sun_longitude_deg"] - longitude + 180) % 360 - 180
+    assert abs(delta) < 0.05
+    # At the exact boundary the sign can be either side; a day later it is the next sign.
+    assert solar_profile(moment.replace(day=moment.day + 1))["sun_sign"] == sign
+
+
+def test_solar_profile_of_a_birthday() -> None:
+    profile = solar_profile(datetime(1990, 7, 14, 6, 30, tzinfo=UTC))
+    assert profile["sun_sign"] == "cancer"
+    assert 21 < profile["degree_in_sign"] < 22
+
+
+@pytest.mark.parametrize(
+    ("kp", "severity"), [(0.0, None), (4.67, None), (5.0, "G1"), (5.67, "G1"), (6.0, "G2"), (7.33, "G3"),
+                         (8.0, "G4"), (8.67, "G4"), (9.0, "G5")],
+)  # fmt: skip
+def test_kp_maps_to_noaa_g_scale(kp: float, severity: str | None) -> None:
+    assert storm_severity(kp) == severity
+
+
+def test_feed_in_both_formats_parses_oldest_first() -> None:
+    table = parse_kp_feed((DATA / "kp_storm.json").read_bytes())
+    assert table[0] == ("2024-05-10 09:00:00.000", 4.0)
+    assert table[-1] == ("2024-05-11 00:00:00.000", 8.33)
+    objects = parse_kp_feed((DATA / "kp_storm_objects.json").read_bytes())
+    assert objects[-1] == ("2024-05-11T03:00:00", 9.0)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"<html>502 Bad Gateway</html>", b"[]", b"{}", b'[["time_tag"], ["x"]]', b'[{"Kp": 3}]',
+     b'[["time_tag", "Kp"], ["t", "42"]]', (DATA / "kp_malformed.json").read_bytes()],
+)  # fmt: skip
+def test_garbage_feed_is_a_feed_error(payload: bytes) -> None:
+    with pytest.raises(FeedError):
+        parse_kp_feed(payload)
