@@ -1,0 +1,33 @@
+"""The benchmark harness runs end to end with tiny counts, so it cannot rot (it measures nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.integration
+def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads(output.read_text())
+    names = {r["name"] for r in results}
+    for expected in ("publish (publish_sync)", "publish (await publish)", "dispatch vs apply_async",
+                     "dispatch vs celery-pubsub", "matching: 10,000 vs 10 subscriptions", "latency p50",
+                     "latency p99", "throughput end to end", "log writer"):  # fmt: skip
+        assert expected in names
+    for r in results:
+        assert set(r) >= {"name", "ours", "baseline", "ratio", "target", "units", "machine"}
+        assert r["ours"] > 0
+        assert r["machine"]["cores"]
+    assert "benchmark" in out.stdout and "ratio" in out.stdout
