@@ -18,21 +18,33 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg2
 import redis
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
+from psycopg2.extras import execute_values
 from sqlalchemy.engine import Engine
 
 from project.keys import LOG_GROUP, Keys
 from project.router import ensure_group
 from project.settings import Settings
-from project.tables import DELIVERY_STATUSES, event_deliveries, events_log
+from project.tables import DELIVERY_STATUSES
 
 __all__ = ["LogWriter", "delivery_record"]
 
 log = logging.getLogger("eventbus.log_writer")
 
 _CLAIM_IDLE_MS = 60_000
+# Errors that mean "try again later": Redis or PostgreSQL unreachable, restarting, or not
+# migrated yet. The driver's own classes too, as the batch is written on its raw cursor.
+_OUTAGES = (
+    redis.RedisError,
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.ProgrammingError,
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    psycopg2.ProgrammingError,
+)
 
 
 def delivery_record(
@@ -63,11 +75,6 @@ def delivery_record(
 
 def _ts(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
-
-
-def _progress(table_or_excluded: Any) -> Any:
-    rank = sa.case(DELIVERY_STATUSES, value=table_or_excluded.status, else_=0)
-    return table_or_excluded.attempts * 10 + rank
 
 
 class _Batch:
@@ -152,30 +159,39 @@ class _Batch:
         self.deliveries[key]["created_at"] = created
 
     def write(self, conn: sa.Connection) -> None:
-        if self.events:
-            conn.execute(
-                insert(events_log)
-                .values(list(self.events.values()))
-                .on_conflict_do_nothing(index_elements=["event_id"])
-            )
-        if self.deliveries:
-            stmt = insert(event_deliveries).values(list(self.deliveries.values()))
-            ex = stmt.excluded
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["event_id", "handler"],
-                    set_={
-                        "status": ex.status,
-                        "attempts": ex.attempts,
-                        "error": ex.error,
-                        "updated_at": ex.updated_at,
-                        "queue": sa.func.coalesce(ex.queue, event_deliveries.c.queue),
-                        "task_id": sa.func.coalesce(ex.task_id, event_deliveries.c.task_id),
-                        "created_at": sa.func.least(ex.created_at, event_deliveries.c.created_at),
-                    },
-                    where=_progress(ex) >= _progress(event_deliveries.c),
-                )
-            )
+        # psycopg2's execute_values: one multi-row statement per page, no per-row round trip
+        # (SQLAlchemy's executemany sent these upserts one row at a time).
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if self.events:
+                rows = [(e["event_id"], e["event_type"], e["user_id"], e["module"], json.dumps(e["data"]),
+                         e["occurred_at"], e["causation_id"], e["correlation_id"], e["hops"])
+                        for e in self.events.values()]  # fmt: skip
+                execute_values(cursor, _INSERT_EVENTS, rows, page_size=1000)
+            if self.deliveries:
+                rows = [(d["event_id"], d["handler"], d["queue"], d["task_id"], d["status"], d["attempts"], d["error"],
+                         d["created_at"], d["updated_at"]) for d in self.deliveries.values()]  # fmt: skip
+                execute_values(cursor, _UPSERT_DELIVERIES, rows, page_size=1000)
+        finally:
+            cursor.close()
+
+
+_RANK = "CASE {0}.status " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in DELIVERY_STATUSES.items()) + " ELSE 0 END"
+_INSERT_EVENTS = """
+INSERT INTO events_log (event_id, event_type, user_id, module, data, occurred_at, causation_id, correlation_id, hops)
+VALUES %s ON CONFLICT (event_id) DO NOTHING
+"""
+# Records arrive out of order: a later phase (attempt, then status rank) is never overwritten
+# by an earlier one.
+_UPSERT_DELIVERIES = f"""
+INSERT INTO event_deliveries AS d (event_id, handler, queue, task_id, status, attempts, error, created_at, updated_at)
+VALUES %s
+ON CONFLICT (event_id, handler) DO UPDATE SET
+  status = EXCLUDED.status, attempts = EXCLUDED.attempts, error = EXCLUDED.error,
+  updated_at = EXCLUDED.updated_at, queue = COALESCE(EXCLUDED.queue, d.queue),
+  task_id = COALESCE(EXCLUDED.task_id, d.task_id), created_at = LEAST(EXCLUDED.created_at, d.created_at)
+WHERE EXCLUDED.attempts * 10 + {_RANK.format("EXCLUDED")} >= d.attempts * 10 + {_RANK.format("d")}
+"""
 
 
 class LogWriter:
@@ -230,17 +246,16 @@ class LogWriter:
                     self.write(entries)
                     read_pending = True  # committed: our pending list is now what is left
                 backoff_s = 0.2
-            except (
-                redis.RedisError,
-                sa.exc.OperationalError,
-                sa.exc.InterfaceError,
-                sa.exc.ProgrammingError,
-            ) as exc:
+            except _OUTAGES as exc:
                 # Records stay pending in Redis and are written once the outage ends.
-                log.warning("log writer: %s; retrying in %.1fs", str(exc).splitlines()[0], backoff_s)
-                read_pending = True
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, self.settings.log_retry_max_s)
+                log.warning("log writer: %s; retrying in %.1fs", (str(exc).splitlines() or [""])[0], backoff_s)
+            except Exception:  # a bug must not end the process; the batch stays pending
+                log.exception("log writer: unexpected error; retrying in %.1fs", backoff_s)
+            else:
+                continue
+            read_pending = True
+            stop.wait(backoff_s)
+            backoff_s = min(backoff_s * 2, self.settings.log_retry_max_s)
 
     def write(self, entries: list[tuple[Any, Any]]) -> None:
         """Write ``entries`` (stream id, fields) in one transaction, then remove them from Redis."""
@@ -254,7 +269,7 @@ class LogWriter:
         try:
             with self.engine.begin() as conn:
                 batch.write(conn)
-        except sa.exc.DataError:
+        except (sa.exc.DataError, psycopg2.DataError):
             if len(entries) == 1:
                 bad.append((entries[0][0], entries[0][1], "rejected by PostgreSQL"))
                 good = []

@@ -127,12 +127,15 @@ class Router:
                         self._claim_abandoned()
                     self._read_and_dispatch(">", block_ms=self.settings.router_block_ms)
                     backoff_s = 0.1
+                return
             except redis.RedisError as exc:
-                self.stats.errors += 1
                 log.warning("router: Redis error (%s); retrying in %.1fs", exc, backoff_s)
-                read_pending = True
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+            except Exception:  # a bug must not end the process; the batch stays pending
+                log.exception("router: unexpected error; retrying in %.1fs", backoff_s)
+            self.stats.errors += 1
+            read_pending = True
+            stop.wait(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
 
     def _read_and_dispatch(self, start: str, block_ms: int | None) -> int:
         reply: Any = self.client.xreadgroup(

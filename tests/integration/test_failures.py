@@ -103,3 +103,17 @@ def test_log_database_unreachable_delays_rows_and_loses_none(stack: Stack) -> No
         until=lambda r: dict(r).get("succeeded") == 301,
     )
     assert dict(statuses) == {"succeeded": 301}
+
+
+def test_record_postgresql_refuses_is_set_aside_and_the_rest_are_written(stack: Stack) -> None:
+    stack.start_router()
+    bus = stack.bus()
+    before = [bus.publish_sync("user.birth_data.updated", user_id=f"u{i}") for i in range(5)]
+    poison = bus.publish_sync("user.note.added", {"text": "nul \u0000 inside"})  # JSONB refuses \u0000
+    after = bus.publish_sync("user.birth_data.updated", user_id="later")
+    rows = stack.wait_query("SELECT event_id::text FROM events_log", until=lambda r: len(r) == 6)
+    assert {r.event_id for r in rows} == {*before, after}
+    rejected = wait_for(lambda: stack.redis.xrange(stack.bus().keys.log_rejected))
+    assert len(rejected) == 1
+    assert poison.encode() in rejected[0][1][b"r"]
+    assert stack.procs["router"].poll() is None
