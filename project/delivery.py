@@ -50,9 +50,12 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def run(self, event: dict[str, Any]) -> str:
         sub, bus = self.subscription, self.bus
-        client = bus.sync_client()
-        done_key = bus.keys.delivery_done(self.request.id)
-        if client.exists(done_key):
+        # project.signals asked already, in the same round trip as recording "started".
+        done = getattr(self.request, "eventbus_done", None)
+        recorded = done is not None
+        if not recorded:
+            done = bool(bus.sync_client().exists(bus.keys.delivery_done(self.request.id)))
+        if done:
             log.info("%s: delivery of %s already succeeded; skipped", sub.name, event.get("event_id"))
             return "duplicate"
         try:
@@ -66,8 +69,13 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 raise self.retry(exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries) from exc
             self._report_dead(event, exc, attempts=retries + 1)
             raise
-        client.set(done_key, 1, ex=bus.settings.delivery_done_ttl_s)
+        if not recorded:  # otherwise the success signal marks it, with the "succeeded" record
+            self.mark_done(bus.sync_client())
         return "ok"
+
+    def mark_done(self, client: Any) -> None:
+        """Remember that this delivery succeeded, so a later copy of its task is skipped."""
+        client.set(self.bus.keys.delivery_done(self.request.id), 1, ex=self.bus.settings.delivery_done_ttl_s)
 
     def _report_dead(self, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
         sub = self.subscription

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
 
     log_batch_size: int = Field(500, gt=0, le=10_000)
     log_block_ms: int = Field(1000, ge=1)
+    # After a partial batch the writer waits this long for more: rows land at most this late.
+    log_linger_ms: int = Field(200, ge=0)
     log_retry_max_s: float = Field(10.0, gt=0)
 
     delivery_max_retries: int = Field(5, ge=0)

@@ -20,14 +20,16 @@ __all__ = ["connect"]
 log = logging.getLogger("eventbus.signals")
 
 
-def _record(task: Any, status: str, error: str | None = None, request: Any = None) -> None:
-    if not isinstance(task, DeliveryTask):
-        return
+def _record(
+    task: Any, status: str, error: str | None = None, request: Any = None, pipe: Any = None
+) -> list[Any] | None:
+    """Append the delivery's new status to the log buffer (in ``pipe`` if given, then run it)."""
     req = request or task.request
     args = req.args or ()
     event = args[0] if args and isinstance(args[0], dict) else {}
     try:
-        task.bus.sync_client().xadd(
+        pipe = pipe if pipe is not None else task.bus.sync_client().pipeline(transaction=False)
+        pipe.xadd(
             task.bus.keys.log_buffer,
             {
                 "r": delivery_record(
@@ -41,20 +43,38 @@ def _record(task: Any, status: str, error: str | None = None, request: Any = Non
                 )
             },
         )
+        return list(pipe.execute())
     except Exception:  # recording must never fail the task itself
         log.exception("could not record %s of %s", status, task.name)
+        return None
+
+
+# One round trip at each end of a delivery: "started" goes with the check whether the
+# delivery already succeeded (DeliveryTask.run reads the answer from the request), and
+# "succeeded" goes, in one transaction, with the marker that makes later copies skip.
 
 
 def _on_prerun(sender: Any = None, **_: Any) -> None:
-    _record(sender, "started")
+    if not isinstance(sender, DeliveryTask):
+        return
+    pipe = sender.bus.sync_client().pipeline(transaction=False)
+    pipe.exists(sender.bus.keys.delivery_done(sender.request.id))
+    replies = _record(sender, "started", pipe=pipe)
+    if replies is not None:
+        sender.request.eventbus_done = bool(replies[0])
 
 
 def _on_success(sender: Any = None, **_: Any) -> None:
-    _record(sender, "succeeded")
+    if not isinstance(sender, DeliveryTask):
+        return
+    pipe = sender.bus.sync_client().pipeline(transaction=True)
+    sender.mark_done(pipe)
+    _record(sender, "succeeded", pipe=pipe)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    _record(sender, "retrying", error=repr(getattr(reason, "exc", None) or reason), request=request)
+    if isinstance(sender, DeliveryTask):
+        _record(sender, "retrying", error=repr(getattr(reason, "exc", None) or reason), request=request)
 
 
 def _on_failure(sender: Any = None, exception: Any = None, **_: Any) -> None:
