@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 import weakref
@@ -11,7 +12,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 import redis.asyncio
-from redis.commands.core import AsyncScript, Script
 
 from project.envelope import encode_envelope
 from project.errors import InvalidSubscription
@@ -35,6 +35,7 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2]
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return id
 """
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
 
 
 class EventBus:
@@ -49,8 +50,9 @@ class EventBus:
         self.registry = Registry()
         self.modules: dict[type[BaseModule], BaseModule] = {}
         self._sync_client: redis.Redis | None = None
-        self._sync_script: Script | None = None
-        self._async_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = (
+        self._target: tuple[str, int] | None = None
+        self._channel_prefix = ""
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -88,11 +90,14 @@ class EventBus:
             redis.RedisError: Redis could not be reached.
         """
         event_id, encoded = self._encode(event_type, data, user_id, module)
-        keys = self.keys
-        await self._async_script()(
-            keys=[keys.stream],
-            args=[self.settings.events_stream_maxlen, encoded, keys.channel(event_type)],
-        )
+        stream, maxlen = self._publish_target()
+        client = self._async_client()
+        channel = self._channel_prefix + event_type
+        try:
+            await client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, channel)  # type: ignore[misc]
+        except redis.exceptions.NoScriptError:
+            await client.script_load(_PUBLISH_LUA)
+            await client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, channel)  # type: ignore[misc]
         return event_id
 
     def publish_sync(
@@ -105,14 +110,22 @@ class EventBus:
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
         event_id, encoded = self._encode(event_type, data, user_id, module)
-        keys = self.keys
-        if self._sync_script is None:
-            self._sync_script = self.sync_client().register_script(_PUBLISH_LUA)
-        self._sync_script(
-            keys=[keys.stream],
-            args=[self.settings.events_stream_maxlen, encoded, keys.channel(event_type)],
-        )
+        stream, maxlen = self._publish_target()
+        client = self.sync_client()
+        try:
+            # EVALSHA straight away: redis-py's Script wrapper costs more than the encoding.
+            client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, self._channel_prefix + event_type)
+        except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
+            client.script_load(_PUBLISH_LUA)
+            client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, self._channel_prefix + event_type)
         return event_id
+
+    def _publish_target(self) -> tuple[str, int]:
+        if self._target is None:
+            keys = self.keys
+            self._channel_prefix = keys.channel("")
+            self._target = (keys.stream, self.settings.events_stream_maxlen)
+        return self._target
 
     def _encode(
         self, event_type: str, data: Mapping[str, Any] | None, user_id: Any, module: str | None
@@ -133,30 +146,28 @@ class EventBus:
             self._sync_client = redis.Redis.from_url(self.settings.redis_url)
         return self._sync_client
 
-    def _async_script(self) -> AsyncScript:
+    def _async_client(self) -> redis.asyncio.Redis:
         # An asyncio client belongs to the loop it was made on: keep one per loop.
         loop = asyncio.get_running_loop()
-        script = self._async_scripts.get(loop)
-        if script is None:
-            client = redis.asyncio.Redis.from_url(self.settings.redis_url)
-            script = client.register_script(_PUBLISH_LUA)
-            self._async_scripts[loop] = script
-        return script
+        client = self._async_clients.get(loop)
+        if client is None:
+            client = self._async_clients[loop] = redis.asyncio.Redis.from_url(self.settings.redis_url)
+        return client
 
     async def aclose(self) -> None:
         """Close the Redis client :meth:`publish` made for the running event loop.
 
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
-        script = self._async_scripts.pop(asyncio.get_running_loop(), None)
-        if script is not None:
-            await script.registered_client.aclose()
+        client = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     def close(self) -> None:
         """Close the synchronous Redis client (a later publish makes a new one)."""
         if self._sync_client is not None:
             self._sync_client.close()
-        self._sync_client = self._sync_script = None
+        self._sync_client = None
 
     # -- subscribing ------------------------------------------------------------------
 

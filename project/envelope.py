@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,6 +30,11 @@ _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 _MAX_NAME_CHARS = 255
 
 
+@lru_cache(maxsize=4096)
+def _valid_name(name: str) -> bool:
+    return len(name) <= _MAX_NAME_CHARS and _NAME_RE.match(name) is not None
+
+
 def validate_event_name(name: object) -> str:
     """Return ``name`` if it is a valid event name, else raise :class:`InvalidEventName`.
 
@@ -37,7 +43,7 @@ def validate_event_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise InvalidEventName(f"event name must be a str, got {type(name).__name__}")
-    if len(name) > _MAX_NAME_CHARS or not _NAME_RE.match(name):
+    if not _valid_name(name):
         raise InvalidEventName(
             f"invalid event name {name[:80]!r}: expected 2 to 4 dot-separated lower-case "
             "snake_case segments such as 'user.created' or 'cosmic.solar_storm.detected'"
