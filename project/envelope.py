@@ -112,7 +112,7 @@ def encode_envelope(
         "hops": hops,
     }
     try:
-        encoded = json.dumps(envelope, separators=(",", ":"), allow_nan=False, default=_refuse)
+        encoded = _ENCODER.encode(envelope)
     except (TypeError, ValueError) as exc:
         raise PayloadNotSerializable(f"data of {event_type!r} is not JSON-serialisable: {exc}") from exc
     if len(encoded) > max_bytes:  # ASCII-only (ensure_ascii), so characters are bytes
@@ -125,6 +125,10 @@ def encode_envelope(
 
 def _refuse(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+# Built once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_refuse)
 
 
 class Envelope(BaseModel):
