@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,26 +87,30 @@ def private_postgres() -> str | None:
     return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/eventbus"
 
 
+def ensure(variable: str, default: str, port: int, what: str, start: Callable[[], str | None]) -> str | None:
+    """The URL to use for ``variable``: as given, the default, or a private server just started.
+
+    None, with what to do printed, when nothing answers and nothing could be started.
+    """
+    url = os.environ.get(variable, default)
+    if answers(url.replace("+psycopg2", ""), port):
+        return url
+    if variable not in os.environ and (started := start()) is not None:
+        print(f"services: started a private {what} at {started} (data in {RUN})", file=sys.stderr)
+        return started
+    print(f"services: nothing answers at {variable}={url}. Start {what} there or set {variable}.", file=sys.stderr)
+    return None
+
+
 def main() -> int:
     RUN.mkdir(exist_ok=True)
-    env: dict[str, str] = {}
-    redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS)
-    if not answers(redis_url, 6379):
-        if "REDIS_URL" in os.environ or (started := private_redis()) is None:
-            print(f"services: nothing answers at REDIS_URL={redis_url}. Start Redis there "
-                  "(redis-server --port 6379) or set REDIS_URL.", file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"services: started a private Redis at {started} (data in .run/redis)", file=sys.stderr)
-        env["REDIS_URL"] = started
-    db_url = os.environ.get("DATABASE_URL", DEFAULT_DB)
-    if not answers(db_url.replace("+psycopg2", ""), 5432):
-        if "DATABASE_URL" in os.environ or (started := private_postgres()) is None:
-            print(f"services: nothing answers at DATABASE_URL={db_url}. Start PostgreSQL there "
-                  "or set DATABASE_URL.", file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"services: started a private PostgreSQL at {started} (data in .run/postgres)", file=sys.stderr)
-        env["DATABASE_URL"] = started
-    (RUN / "env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    redis_url = ensure("REDIS_URL", DEFAULT_REDIS, 6379, "Redis", private_redis)
+    db_url = redis_url and ensure("DATABASE_URL", DEFAULT_DB, 5432, "PostgreSQL", private_postgres)
+    if not redis_url or not db_url:
+        return 1
+    # Only what differs from what the environment already says.
+    env = {k: v for k, v in (("REDIS_URL", redis_url), ("DATABASE_URL", db_url)) if os.environ.get(k) != v}
+    (RUN / "env").write_text("".join(f"{k}={v}\n" for k, v in env.items() if v not in (DEFAULT_REDIS, DEFAULT_DB)))
     return 0
 
 
