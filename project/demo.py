@@ -56,12 +56,8 @@ def run_demo(bus: EventBus, engine: sa.Engine, wait_s: float, out: Any) -> int:
     if wait_s <= 0:
         return 0
     deadline = time.monotonic() + wait_s
-    shown: set[tuple[str, str]] = set()
     while True:
         events, deliveries = chain_state(engine, root)
-        for d in deliveries:
-            if (str(d.event_id), d.status) not in shown and d.status in ("succeeded", "dead"):
-                shown.add((str(d.event_id), d.status))
         types = [e.event_type for e in events]
         done = all(t in types for t in CHAIN) and deliveries and all(d.status == "succeeded" for d in deliveries)
         if done:

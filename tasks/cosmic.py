@@ -31,7 +31,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUEUE = "cosmic"
 _MAX_FEED_BYTES = 5 * 1024 * 1024
 _FULL_MOON_WINDOW = timedelta(days=1)
 
