@@ -177,3 +177,8 @@ def test_settings_read_handler_modules_as_a_comma_separated_list(monkeypatch: py
     s = Settings()
     assert s.event_handler_modules == ["handlers", "app.more"]
     assert s.events_prefix == "staging"
+
+
+def test_done_markers_must_outlast_redelivery() -> None:
+    with pytest.raises(ValueError, match="DELIVERY_DONE_TTL_S"):
+        Settings(delivery_done_ttl_s=60, broker_visibility_timeout_s=3600)
