@@ -21,8 +21,8 @@ def _publish_in_background(stack: Stack, count: int, ids: list[str]) -> threadin
     def run() -> None:
         for i in range(count):
             ids.append(bus.publish_sync("bulk.item.made", {"i": i}))
-            if i % 50 == 0:
-                time.sleep(0.005)  # keep the router busy for a while rather than one burst
+            if i % 20 == 0:
+                time.sleep(0.01)  # a stream over seconds, so the router is often caught mid-batch
 
     thread = threading.Thread(target=run)
     thread.start()
