@@ -33,7 +33,6 @@ __all__ = ["LogWriter", "delivery_record"]
 
 log = logging.getLogger("eventbus.log_writer")
 
-_CLAIM_IDLE_MS = 60_000
 # Errors that mean "try again later": Redis or PostgreSQL unreachable, restarting, or not
 # migrated yet. The driver's own classes too, as the batch is written on its raw cursor.
 _OUTAGES = (
@@ -226,10 +225,10 @@ class LogWriter:
                         self.keys.log_buffer,
                         LOG_GROUP,
                         self.consumer,
-                        _CLAIM_IDLE_MS,
+                        self.settings.log_claim_idle_ms,
                         count=self.settings.log_batch_size,
                     )
-                    next_claim_at = time.monotonic() + _CLAIM_IDLE_MS / 2000
+                    next_claim_at = time.monotonic() + self.settings.log_claim_idle_ms / 2000
                     read_pending = True
                 reply: Any = self.client.xreadgroup(
                     LOG_GROUP,

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # After a partial batch the writer waits this long for more: rows land at most this late.
     log_linger_ms: int = Field(200, ge=0)
     log_retry_max_s: float = Field(10.0, gt=0)
+    # Records a log writer read but did not write for this long are taken over by another.
+    log_claim_idle_ms: int = Field(60_000, ge=100)
 
     delivery_max_retries: int = Field(5, ge=0)
     delivery_backoff_s: float = Field(1.0, gt=0)

@@ -233,6 +233,7 @@ def stack(prefix: str, database: str, tmp_path: Path, request: pytest.FixtureReq
         "EVENT_HANDLER_MODULES": HANDLERS,
         "EVENTS_MAX_HOPS": "3",
         "ROUTER_CLAIM_IDLE_MS": "1000",
+        "LOG_CLAIM_IDLE_MS": "1000",
         "ROUTER_BLOCK_MS": "200",
         "LOG_BLOCK_MS": "200",
         "LOG_RETRY_MAX_S": "0.5",
