@@ -362,8 +362,8 @@ def bench_latency_and_throughput(duration_s: float, rate_per_s: float, n: int) -
             base += latencies(lambda: probe.apply_async(args=[time.time()], queue="bench"), duration_s / windows)
         for q, target in ((0.5, 1.5), (0.99, 2.0)):
             o, b = percentile(ours, q) * 1000, percentile(base, q) * 1000
-            results.append(result(f"latency p{int(q * 100)}", o, b, target, "ms", lower_is_better=True,
-                                  note=f"{rate_per_s:.0f}/s for {duration_s:.0f} s in 3 alternating windows"))  # fmt: skip
+            note = f"{rate_per_s:.0f}/s for {duration_s:.0f} s in {windows} alternating windows"
+            results.append(result(f"latency p{int(q * 100)}", o, b, target, "ms", lower_is_better=True, note=note))
 
         def drain(send_all: Callable[[], object]) -> float:
             client.delete(done)
