@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "DeliveryExhausted",
     "DuplicateHandler",
     "EventBusError",
     "HopLimitExceeded",
@@ -13,6 +14,8 @@ __all__ = [
     "MalformedEnvelope",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PublishOutcomeUnknown",
+    "PublishRefused",
 ]
 
 
@@ -54,3 +57,22 @@ class HopLimitExceeded(EventBusError, RuntimeError):
 
 class MalformedEnvelope(EventBusError, ValueError):
     """Raised when a stream entry cannot be decoded into a valid envelope (router side)."""
+
+
+class PublishRefused(EventBusError, RuntimeError):
+    """Raised when Redis refused to store an event (out of memory under ``noeviction``,
+    a read-only replica, ...): nothing was stored, and retrying later is safe."""
+
+
+class PublishOutcomeUnknown(EventBusError, ConnectionError):
+    """Raised when the connection broke while publishing, so the event may or may not be
+    stored. Publish again with ``event_id=exc.event_id``: it is never stored twice."""
+
+    def __init__(self, message: str, event_id: str) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+
+
+class DeliveryExhausted(EventBusError, RuntimeError):
+    """Raised on a worker for a delivery that has used all its attempts without finishing
+    (its process was killed or timed out each time); the delivery is then ``dead``."""

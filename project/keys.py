@@ -58,9 +58,37 @@ class Keys:
         """The Redis list kombu reads a Celery queue from (priority 0)."""
         return f"{self.celery_keyprefix}{queue}"
 
-    def delivery_done(self, task_id: str) -> str:
-        """Set once a delivery succeeded, so a redelivered copy is skipped."""
-        return f"{self.prefix}:done:{task_id}"
+    def delivery(self, task_id: str) -> str:
+        """A delivery's state on the workers: a hash of ``attempts`` and ``state``.
+
+        ``state`` is ``running``, ``retrying``, ``done`` or ``dead``; a copy of a delivery
+        whose state is ``done`` or ``dead`` is skipped. Expires ``DELIVERY_DONE_TTL_S`` after
+        its last change.
+        """
+        return f"{self.prefix}:dlv:{task_id}"
+
+    def lease(self, task_id: str) -> str:
+        """Held (and renewed) by the one worker process running a delivery's handler."""
+        return f"{self.prefix}:lease:{task_id}"
+
+    def published(self, event_id: str) -> str:
+        """The stream entry id an event_id was published as, for the dedup window."""
+        return f"{self.prefix}:pub:{event_id}"
+
+    @property
+    def rejected_tasks(self) -> str:
+        """Celery task messages a worker refused (unknown task), kept whole to be sent again."""
+        return f"{self.prefix}:rejected-tasks"
+
+    @property
+    def reconcile_lock(self) -> str:
+        """Held by the one router running a reconciliation pass."""
+        return f"{self.prefix}:reconcile:lock"
+
+    @property
+    def log_shed(self) -> str:
+        """A hash counting records not buffered because the log buffer was full, by kind."""
+        return f"{self.prefix}:log-shed"
 
     @property
     def storm_state(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,14 +29,23 @@ class Settings(BaseSettings):
 
     events_max_data_bytes: int = Field(64 * 1024, gt=0)
     events_max_hops: int = Field(16, ge=0)
-    # The stream is capped (approximately, which is O(1) per XADD); an event older than the
-    # newest `maxlen` is trimmed even if no router has read it yet.
-    events_stream_maxlen: int = Field(1_000_000, gt=0)
+    # publish is idempotent per event_id for this long: a retried publish (same event_id)
+    # returns the first one's outcome instead of making a second event. ~100 bytes per event.
+    events_dedup_window_s: int = Field(3600, gt=0)
 
     router_batch_size: int = Field(200, gt=0, le=10_000)
     router_block_ms: int = Field(1000, ge=1)
     # A pending entry idle this long belongs to a router presumed dead and is taken over.
     router_claim_idle_ms: int = Field(30_000, ge=100)
+    # A dispatch script call carries at most this many bytes of arguments (Redis refuses a
+    # query over `client-query-buffer-limit`, 1 GB by default); a batch is split to fit.
+    router_batch_max_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    # Acknowledged entries are trimmed from the stream (XTRIM MINID) this often.
+    router_trim_interval_s: float = Field(5.0, gt=0)
+    # A delivery dispatched this long ago that no worker ever started (its task was lost
+    # between Redis and a worker) is sent again with the same task id. 0 turns it off.
+    reconcile_after_s: float = Field(900.0, ge=0)
+    reconcile_interval_s: float = Field(60.0, gt=0)
 
     log_batch_size: int = Field(500, gt=0, le=10_000)
     log_block_ms: int = Field(1000, ge=1)
@@ -45,12 +54,23 @@ class Settings(BaseSettings):
     log_retry_max_s: float = Field(10.0, gt=0)
     # Records a log writer read but did not write for this long are taken over by another.
     log_claim_idle_ms: int = Field(60_000, ge=100)
+    # The log buffer's bound, in records (a compact record is ~150-400 bytes). Past it,
+    # LOG_BUFFER_FULL_POLICY says what happens: "shed" keeps dispatching and counts the
+    # records it could not buffer in <prefix>:log-shed, with an error log; "keep" buffers on
+    # until Redis' own maxmemory refuses writes (and then publish fails too).
+    log_buffer_max_records: int = Field(2_000_000, gt=0)
+    log_buffer_full_policy: Literal["shed", "keep"] = "shed"
 
     delivery_max_retries: int = Field(5, ge=0)
     delivery_backoff_s: float = Field(1.0, gt=0)
     delivery_backoff_max_s: float = Field(300.0, gt=0)
     # Celery's Redis transport redelivers an unacknowledged task after this long.
     broker_visibility_timeout_s: int = Field(3600, gt=0)
+    # The running copy of a delivery holds a lease for this long and renews it every third
+    # of it; a copy that finds the lease held is deferred, never run in parallel.
+    delivery_lease_s: float = Field(30.0, ge=0.5)
+    # Handlers' hard time limit (the soft one, which raises inside the handler, is 90% of it).
+    delivery_time_limit_s: float = Field(600.0, gt=0)
     # How long a succeeded (event_id, handler) is remembered, so a redelivered copy is
     # skipped. Copies arrive within the visibility timeout, so this must outlast it; each
     # marker costs ~100 bytes of Redis memory, so it should not be much longer.
@@ -79,6 +99,8 @@ class Settings(BaseSettings):
                 f"BROKER_VISIBILITY_TIMEOUT_S ({self.broker_visibility_timeout_s}), or a task "
                 "redelivered after a lost worker could run twice"
             )
+        if self.delivery_lease_s * 1000 >= self.broker_visibility_timeout_s * 1000:
+            raise ValueError("DELIVERY_LEASE_S must be shorter than BROKER_VISIBILITY_TIMEOUT_S")
         return self
 
     @field_validator("event_handler_modules", mode="before")

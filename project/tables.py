@@ -17,12 +17,20 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-__all__ = ["DELIVERY_STATUSES", "event_deliveries", "events_log", "metadata"]
+__all__ = ["DELIVERY_STATUSES", "delivery_inbox", "event_deliveries", "events_log", "metadata"]
 
 metadata = MetaData()
 
 # Later phases outrank earlier ones within an attempt; records may arrive out of order.
-DELIVERY_STATUSES = {"dispatched": 0, "started": 1, "retrying": 2, "failed": 2, "succeeded": 3, "dead": 3}
+DELIVERY_STATUSES = {
+    "dispatched": 0,
+    "started": 1,
+    "retrying": 2,
+    "failed": 2,
+    "succeeded": 3,
+    "dead": 3,
+    "rejected": 3,
+}
 
 events_log = Table(
     "events_log",
@@ -59,8 +67,21 @@ event_deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("event_id", "handler", name="uq_event_deliveries_event_id_handler"),
     CheckConstraint(
-        "status IN ('dispatched', 'started', 'succeeded', 'retrying', 'failed', 'dead')",
+        "status IN ('dispatched', 'started', 'succeeded', 'retrying', 'failed', 'dead', 'rejected')",
         name="ck_event_deliveries_status",
     ),
     Index("ix_event_deliveries_status", "status"),
+)
+
+# The inbox of the exactly-once helper (``event.transaction()``): a row per delivery whose
+# effects committed, written in the same transaction as those effects, with the events the
+# handler published inside it (sent after the commit, and again if a crash came between).
+delivery_inbox = Table(
+    "delivery_inbox",
+    metadata,
+    Column("task_id", UUID(as_uuid=False), primary_key=True),
+    Column("event_id", UUID(as_uuid=False), nullable=False),
+    Column("handler", Text, nullable=False),
+    Column("outbox", JSONB, nullable=False, server_default="[]"),
+    Column("handled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
