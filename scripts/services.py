@@ -3,20 +3,23 @@
 Uses REDIS_URL / DATABASE_URL when set, the local defaults otherwise. If what they name does
 not answer and the server binaries are installed, starts private instances under ``.run/``
 (git-ignored) on free ports and writes their URLs to ``.run/env`` for honcho. Otherwise says
-exactly what to start. Standard library only: it runs before the virtualenv exists.
+exactly what to start. ``.run/env`` also holds Flower's password: a random one made on the
+first run and kept on later ones, unless the environment sets FLOWER_PASSWORD. Standard
+library only: it runs before the virtualenv exists.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +105,37 @@ def ensure(variable: str, default: str, port: int, what: str, start: Callable[[]
     return None
 
 
+def read_env(path: Path) -> dict[str, str]:
+    """The ``KEY=value`` lines of an env file written by :func:`write_env` ({} if there is none)."""
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def write_env(values: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> Path:
+    """Write ``.run/env`` for honcho: ``values``, and Flower's password unless ``environ`` sets one.
+
+    The password is made once (``secrets.token_urlsafe``) and kept on later runs, so a
+    browser that saved it goes on working. honcho lets the file override the environment,
+    so a FLOWER_PASSWORD the environment sets is left out of the file, never overwritten.
+    """
+    path = RUN / "env"
+    content = dict(values)
+    user, port = environ.get("FLOWER_USER", "admin"), environ.get("FLOWER_PORT", "5555")
+    if environ.get("FLOWER_PASSWORD"):
+        print(f"services: Flower (user {user}) uses FLOWER_PASSWORD from the environment", file=sys.stderr)
+    else:
+        content["FLOWER_PASSWORD"] = read_env(path).get("FLOWER_PASSWORD") or secrets.token_urlsafe(24)
+        print(f"services: Flower on port {port}: user {user}, password in {path} (FLOWER_PASSWORD)", file=sys.stderr)
+    # It holds a password: readable by its owner only, from the moment it exists.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(f"{k}={v}\n" for k, v in content.items()))
+    return path
+
+
 def main() -> int:
     RUN.mkdir(exist_ok=True)
     redis_url = ensure("REDIS_URL", DEFAULT_REDIS, 6379, "Redis", private_redis)
@@ -109,8 +143,8 @@ def main() -> int:
     if not redis_url or not db_url:
         return 1
     # Only what differs from what the environment already says.
-    env = {k: v for k, v in (("REDIS_URL", redis_url), ("DATABASE_URL", db_url)) if os.environ.get(k) != v}
-    (RUN / "env").write_text("".join(f"{k}={v}\n" for k, v in env.items() if v not in (DEFAULT_REDIS, DEFAULT_DB)))
+    urls = (("REDIS_URL", redis_url), ("DATABASE_URL", db_url))
+    write_env({k: v for k, v in urls if os.environ.get(k) != v and v not in (DEFAULT_REDIS, DEFAULT_DB)})
     return 0
 
 

@@ -199,3 +199,38 @@ def test_make_run_starts_a_private_postgresql_when_none_answers() -> None:
         run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run([*run_as, pg_ctl, "-D", str(run_dir / "postgres"), "-m", "immediate", "stop"], check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_make_run_makes_a_random_flower_password_once_and_never_overrides_the_environment(tmp_path: Path) -> None:
+    services = _services_module(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    env["EVENTBUS_RUN_DIR"] = str(tmp_path)
+
+    def run_services(**extra: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "services.py")],
+            cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out
+
+    first = run_services()
+    path = tmp_path / "env"
+    password = services.read_env(path)["FLOWER_PASSWORD"]
+    assert len(password) >= 24 and password != "change-me"
+    assert f"password in {path}" in first.stderr
+    assert path.stat().st_mode & 0o077 == 0  # it holds a password: the owner's only
+
+    # What Flower reads through honcho (the file overrides honcho's environment).
+    shown = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "honcho"), "-e", str(path), "run", sys.executable, "-c",
+         "from project.settings import get_settings; print(get_settings().flower_password.get_secret_value())"],
+        cwd=ROOT, env={**env, "FLOWER_PASSWORD": "stale"}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shown.stdout.strip() == password, shown.stderr
+
+    run_services()
+    assert services.read_env(path)["FLOWER_PASSWORD"] == password  # kept on later runs
+    own = run_services(FLOWER_PASSWORD="set-by-the-operator")
+    assert "FLOWER_PASSWORD" not in services.read_env(path)  # the file would override it
+    assert "from the environment" in own.stderr
