@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import redis
 import redis.asyncio
 
+from project.context import current_outbox
 from project.envelope import encode_envelope
-from project.errors import InvalidSubscription
+from project.errors import InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys
 from project.patterns import validate_pattern
 from project.registry import Registry, Subscription
@@ -27,15 +28,38 @@ __all__ = ["EventBus"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+# kombu's Redis transport keeps its own bookkeeping under the same key prefix as the queues:
+# a queue named like one of these would be a hash or a sorted set, not a list.
+_RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
 
 # XADD and PUBLISH in one round trip, atomically: an event is either in the stream (and so
-# will be dispatched) and broadcast, or the call failed and nothing happened.
+# will be dispatched) and broadcast, or the call failed and nothing happened. The event_id
+# is remembered for the dedup window, so the same publish sent again (by redis-py's retry
+# after a dropped connection, or by a caller retrying with the event_id) stores nothing.
+# No MAXLEN: an entry is trimmed only once the routers acknowledged it (project.router).
+# KEYS: stream, dedup key. ARGV: envelope, channel, dedup window (s).
 _PUBLISH_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[2])
+local prev = redis.call('GET', KEYS[2])
+if prev then return prev end
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
 return id
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+
+
+def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exception:
+    """The error a failed publish raises: refused (nothing stored) or of unknown outcome."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError) and not isinstance(
+        exc, redis.exceptions.AuthenticationError
+    ):
+        return PublishOutcomeUnknown(
+            f"the connection to Redis failed while publishing {event_type!r} ({exc}); the event may "
+            f"or may not be stored: publish it again with event_id={event_id!r}, which never stores it twice",
+            event_id,
+        )
+    return PublishRefused(f"Redis refused event {event_type!r} ({exc}); nothing was stored")
 
 
 class EventBus:
@@ -52,6 +76,7 @@ class EventBus:
         self._sync_client: redis.Redis | None = None
         self._target: tuple[str, int] | None = None
         self._channel_prefix = ""
+        self._dedup_prefix = ""
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
             weakref.WeakKeyDictionary()
         )
@@ -75,29 +100,50 @@ class EventBus:
         *,
         user_id: str | int | uuid.UUID | None = None,
         module: str | None = None,
+        event_id: str | uuid.UUID | None = None,
     ) -> str:
         """Publish an event and return its event_id once Redis holds it.
 
         Never waits for a handler. ``user_id`` may also arrive inside ``data``. Called from
         inside a handler, the new event carries causation_id, correlation_id and hops + 1.
+        Publishing is idempotent per ``event_id`` within ``EVENTS_DEDUP_WINDOW_S``: give the
+        id of an earlier call (``PublishOutcomeUnknown.event_id``) to retry it safely.
 
         Raises:
             InvalidEventName: the name is not 2 to 4 lower-case snake_case segments.
-            InvalidEventData: data is not a dict, or names a different user_id.
+            InvalidEventData: data is not a dict, names a different user_id, holds a NUL
+                character, or another envelope field is invalid (an event_id that is no UUID).
             PayloadNotSerializable: data cannot be encoded as JSON.
             PayloadTooLarge: the event is over ``EVENTS_MAX_DATA_BYTES``.
             HopLimitExceeded: the chain is longer than ``EVENTS_MAX_HOPS``.
-            redis.RedisError: Redis could not be reached.
+            PublishRefused: Redis refused the write (out of memory, read-only); nothing stored.
+            PublishOutcomeUnknown: the connection broke; the event may be stored. Retry with
+                its ``event_id``.
         """
-        event_id, encoded = self._encode(event_type, data, user_id, module)
-        stream, maxlen = self._publish_target()
+        event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+        outbox = current_outbox()
+        if outbox is not None:  # inside an exactly-once block: sent after its commit
+            outbox.append((event_type, event_id, encoded))
+            return event_id
+        stream, window = self._publish_target()
         client = self._async_client()
-        channel = self._channel_prefix + event_type
+        args = (
+            _PUBLISH_SHA,
+            2,
+            stream,
+            self._dedup_prefix + event_id,
+            encoded,
+            self._channel_prefix + event_type,
+            window,
+        )
         try:
-            await client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, channel)  # type: ignore[misc]
-        except redis.exceptions.NoScriptError:
-            await client.script_load(_PUBLISH_LUA)
-            await client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, channel)  # type: ignore[misc]
+            try:
+                await client.evalsha(*args)  # type: ignore[misc]
+            except redis.exceptions.NoScriptError:
+                await client.script_load(_PUBLISH_LUA)
+                await client.evalsha(*args)  # type: ignore[misc]
+        except redis.RedisError as exc:
+            raise _publish_error(exc, event_type, event_id) from exc
         return event_id
 
     def publish_sync(
@@ -107,28 +153,59 @@ class EventBus:
         *,
         user_id: str | int | uuid.UUID | None = None,
         module: str | None = None,
+        event_id: str | uuid.UUID | None = None,
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
-        event_id, encoded = self._encode(event_type, data, user_id, module)
-        stream, maxlen = self._publish_target()
+        event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+        outbox = current_outbox()
+        if outbox is not None:  # inside an exactly-once block: sent after its commit
+            outbox.append((event_type, event_id, encoded))
+            return event_id
+        return self.send_encoded(event_type, event_id, encoded)
+
+    def send_encoded(self, event_type: str, event_id: str, encoded: str) -> str:
+        """Store an event already built by :meth:`publish` (idempotent per event_id).
+
+        Raises:
+            PublishRefused, PublishOutcomeUnknown: as :meth:`publish`.
+        """
+        stream, window = self._publish_target()
         client = self.sync_client()
+        args = (
+            _PUBLISH_SHA,
+            2,
+            stream,
+            self._dedup_prefix + event_id,
+            encoded,
+            self._channel_prefix + event_type,
+            window,
+        )
         try:
-            # EVALSHA straight away: redis-py's Script wrapper costs more than the encoding.
-            client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, self._channel_prefix + event_type)
-        except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
-            client.script_load(_PUBLISH_LUA)
-            client.evalsha(_PUBLISH_SHA, 1, stream, maxlen, encoded, self._channel_prefix + event_type)
+            try:
+                # EVALSHA straight away: redis-py's Script wrapper costs more than the encoding.
+                client.evalsha(*args)
+            except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
+                client.script_load(_PUBLISH_LUA)
+                client.evalsha(*args)
+        except redis.RedisError as exc:
+            raise _publish_error(exc, event_type, event_id) from exc
         return event_id
 
     def _publish_target(self) -> tuple[str, int]:
         if self._target is None:
             keys = self.keys
             self._channel_prefix = keys.channel("")
-            self._target = (keys.stream, self.settings.events_stream_maxlen)
+            self._dedup_prefix = keys.published("")
+            self._target = (keys.stream, self.settings.events_dedup_window_s)
         return self._target
 
     def _encode(
-        self, event_type: str, data: Mapping[str, Any] | None, user_id: Any, module: str | None
+        self,
+        event_type: str,
+        data: Mapping[str, Any] | None,
+        user_id: Any,
+        module: str | None,
+        event_id: str | uuid.UUID | None = None,
     ) -> tuple[str, str]:
         s = self.settings
         return encode_envelope(
@@ -138,6 +215,7 @@ class EventBus:
             module=module,
             max_bytes=s.events_max_data_bytes,
             max_hops=s.events_max_hops,
+            event_id=event_id,
         )
 
     def sync_client(self) -> redis.Redis:
@@ -182,6 +260,7 @@ class EventBus:
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         time_limit_s: float | None = None,
+        soft_time_limit_s: float | None = None,
         name: str | None = None,
     ) -> Callable[[F], F]: ...
 
@@ -196,6 +275,7 @@ class EventBus:
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         time_limit_s: float | None = None,
+        soft_time_limit_s: float | None = None,
         name: str | None = None,
     ) -> Subscription: ...
 
@@ -209,6 +289,7 @@ class EventBus:
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         time_limit_s: float | None = None,
+        soft_time_limit_s: float | None = None,
         name: str | None = None,
     ) -> Any:
         """Subscribe ``handler`` to the events matching ``pattern`` (or a list of patterns).
@@ -239,6 +320,7 @@ class EventBus:
                 backoff_s=backoff_s,
                 backoff_max_s=backoff_max_s,
                 time_limit_s=time_limit_s,
+                soft_time_limit_s=soft_time_limit_s,
                 name=name,
             )
 
@@ -261,6 +343,7 @@ class EventBus:
         backoff_s: float | None,
         backoff_max_s: float | None,
         time_limit_s: float | None,
+        soft_time_limit_s: float | None,
         name: str | None,
     ) -> Subscription:
         if not callable(handler):
@@ -285,10 +368,23 @@ class EventBus:
             queue = queue or module
         if not queue or not _QUEUE_RE.match(queue):
             raise InvalidSubscription(f"invalid queue name {queue!r}: use letters, digits, '_', '.', '-'")
+        if queue in _RESERVED_QUEUES:
+            raise InvalidSubscription(
+                f"queue name {queue!r} is reserved by Celery's Redis transport "
+                f"({sorted(_RESERVED_QUEUES)}); choose another"
+            )
         s = self.settings
         max_retries = s.delivery_max_retries if max_retries is None else max_retries
         if not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidSubscription(f"max_retries must be an int >= 0, got {max_retries!r}")
+        for option, value in (("time_limit_s", time_limit_s), ("soft_time_limit_s", soft_time_limit_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise InvalidSubscription(f"{option} must be a number of seconds > 0, got {value!r}")
+        if time_limit_s and soft_time_limit_s and soft_time_limit_s >= time_limit_s:
+            raise InvalidSubscription(
+                f"soft_time_limit_s ({soft_time_limit_s}) must be below time_limit_s ({time_limit_s}): "
+                "the soft limit warns the handler, the hard one kills it"
+            )
         sub = Subscription(
             name=name,
             patterns=patterns,
@@ -299,6 +395,7 @@ class EventBus:
             backoff_s=s.delivery_backoff_s if backoff_s is None else float(backoff_s),
             backoff_max_s=s.delivery_backoff_max_s if backoff_max_s is None else float(backoff_max_s),
             time_limit_s=time_limit_s,
+            soft_time_limit_s=soft_time_limit_s,
         )
         self.registry.add(sub)
         return sub

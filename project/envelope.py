@@ -8,9 +8,9 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from project.context import current_cause
 from project.errors import (
@@ -22,7 +22,7 @@ from project.errors import (
     PayloadTooLarge,
 )
 
-__all__ = ["Envelope", "decode_envelope", "encode_envelope", "validate_event_name"]
+__all__ = ["Envelope", "decode_envelope", "encode_envelope", "normalize_event_id", "validate_event_name"]
 
 SEGMENT = r"[a-z][a-z0-9_]*"
 _NAME_RE = re.compile(rf"^{SEGMENT}(?:\.{SEGMENT}){{1,3}}$")
@@ -52,6 +52,18 @@ def validate_event_name(name: object) -> str:
     return name
 
 
+def normalize_event_id(event_id: object) -> str:
+    """Return ``event_id`` as a canonical lower-case UUID string, or raise :class:`InvalidEventData`."""
+    if isinstance(event_id, uuid.UUID):
+        return str(event_id)
+    if isinstance(event_id, str):
+        try:
+            return str(uuid.UUID(event_id))
+        except ValueError:
+            pass
+    raise InvalidEventData(f"event_id must be a UUID (a str or uuid.UUID), got {event_id!r:.80}")
+
+
 def encode_envelope(
     event_type: str,
     data: Mapping[str, Any] | None,
@@ -60,11 +72,14 @@ def encode_envelope(
     module: str | None,
     max_bytes: int,
     max_hops: int,
+    event_id: str | uuid.UUID | None = None,
 ) -> tuple[str, str]:
     """Build and encode a new event; return ``(event_id, envelope_json)``.
 
     ``user_id`` given inside ``data`` is lifted into the envelope (and left in ``data``), so
-    the application's ``publish(name, {..., "user_id": uid})`` works unchanged.
+    the application's ``publish(name, {..., "user_id": uid})`` works unchanged. The envelope
+    is checked with :class:`Envelope`, the model the router decodes with, so nothing accepted
+    here is set aside later.
 
     Raises:
         InvalidEventName, InvalidEventData, PayloadNotSerializable, PayloadTooLarge,
@@ -87,10 +102,13 @@ def encode_envelope(
         raise InvalidEventData(f"user_id must be a str, int or UUID, got {type(user_id).__name__}")
 
     cause = current_cause()
-    event_id = str(uuid.uuid4())
+    if event_id is not None:
+        event_id = normalize_event_id(event_id)
     if cause is None:
+        event_id = event_id or str(uuid.uuid4())
         causation_id, correlation_id, hops = None, event_id, 0
     else:
+        event_id = event_id or cause.next_event_id() or str(uuid.uuid4())
         causation_id, correlation_id, hops = cause.event_id, cause.correlation_id, cause.hops + 1
         if hops > max_hops:
             raise HopLimitExceeded(
@@ -104,13 +122,17 @@ def encode_envelope(
         "event_id": event_id,
         "event_type": event_type,
         "user_id": user_id,
-        "data": data,
+        "data": data if type(data) is dict else dict(data),
         "timestamp": datetime.now(UTC).isoformat(),
         "module": module,
         "causation_id": causation_id,
         "correlation_id": correlation_id,
         "hops": hops,
     }
+    try:
+        Envelope.model_validate(envelope)
+    except ValidationError as exc:
+        raise InvalidEventData(f"event {event_type!r} is not a valid envelope: {_reasons(exc)}") from None
     try:
         encoded = _ENCODER.encode(envelope)
     except (TypeError, ValueError) as exc:
@@ -120,7 +142,30 @@ def encode_envelope(
             f"event {event_type!r} encodes to {len(encoded)} bytes, over the limit of {max_bytes} "
             "(EVENTS_MAX_DATA_BYTES): carry IDs in events, not whole objects"
         )
+    if _NUL in encoded and _has_nul(envelope):
+        raise InvalidEventData(
+            f"event {event_type!r} holds a NUL character (U+0000) in a string; PostgreSQL cannot store it"
+        )
     return event_id, encoded
+
+
+# A NUL inside any JSON string is encoded as this escape (ensure_ascii): a cheap pre-check
+# before the exact walk, which only runs when the escape text appears.
+_NUL = "\\u0000"
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _reasons(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5])
 
 
 def _refuse(value: object) -> object:
@@ -138,7 +183,7 @@ class Envelope(BaseModel):
 
     event_id: str = Field(pattern=_UUID_RE.pattern)
     event_type: str
-    user_id: str | int | None = None
+    user_id: Annotated[str, StringConstraints(max_length=200)] | int | None = None
     data: dict[str, Any]
     timestamp: str
     module: str | None = Field(default=None, max_length=200)
@@ -166,9 +211,10 @@ def decode_envelope(raw: bytes | str, max_bytes: int) -> Envelope:
     if len(raw) > max_bytes:
         raise MalformedEnvelope(f"entry is {len(raw)} bytes, over the limit of {max_bytes}")
     try:
-        return Envelope.model_validate_json(raw)
+        envelope = Envelope.model_validate_json(raw)
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise MalformedEnvelope(reasons) from None
+        raise MalformedEnvelope(_reasons(exc)) from None
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+    if _NUL in text and _has_nul(envelope.model_dump()):
+        raise MalformedEnvelope("a string holds a NUL character (U+0000), which PostgreSQL cannot store")
+    return envelope

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = Field(300.0, gt=0)
     # Celery's Redis transport redelivers an unacknowledged task after this long.
     broker_visibility_timeout_s: int = Field(3600, gt=0)
+    # How often a worker looks for unacknowledged tasks older than the visibility timeout
+    # (their worker died) to put back on their queues; kombu's default is every ~100 s.
+    broker_restore_interval_s: int = Field(10, gt=0)
     # The running copy of a delivery holds a lease for this long and renews it every third
     # of it; a copy that finds the lease held is deferred, never run in parallel.
     delivery_lease_s: float = Field(30.0, ge=0.5)

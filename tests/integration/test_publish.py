@@ -1,0 +1,143 @@
+"""publish: validated like the router decodes, idempotent per event_id, and clear about failures."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from project.bus import EventBus
+from project.context import handling
+from project.envelope import decode_envelope
+from project.errors import InvalidEventData, PublishOutcomeUnknown, PublishRefused
+from project.settings import Settings
+from tests.conftest import wait_for
+from tests.integration.conftest import REDIS_URL
+
+
+def _bus(prefix: str, url: str = REDIS_URL, **extra: object) -> EventBus:
+    return EventBus(Settings(redis_url=url, events_prefix=prefix, **extra))  # type: ignore[arg-type]
+
+
+def _entries(bus: EventBus) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in bus.sync_client().xrange(bus.keys.stream)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"user_id": "a\x00b"}, "NUL"),
+        ({"module": "m\x00"}, "NUL"),
+        ({"data": {"text": "nul \x00 inside"}}, "NUL"),
+        ({"data": {"k\x00": 1}}, "NUL"),
+        ({"module": "m" * 201}, "module"),
+        ({"user_id": "u" * 201}, "user_id"),
+        ({"event_id": "not-a-uuid"}, "event_id"),
+    ],
+)
+def test_publish_refuses_what_the_router_or_the_log_would_refuse(
+    prefix: str, kwargs: dict[str, object], field: str
+) -> None:
+    bus = _bus(prefix)
+    data = kwargs.pop("data", {"x": 1})
+    with pytest.raises(InvalidEventData, match=field):
+        bus.publish_sync("user.note.added", data, **kwargs)  # type: ignore[arg-type]
+    assert _entries(bus) == []
+
+
+def test_everything_publish_accepts_decodes_on_the_router(prefix: str) -> None:
+    bus = _bus(prefix)
+    bus.publish_sync("user.note.added", {"text": "back\\u0000slash is fine", "n": [1, 2.5, None]}, user_id=2**70)
+    bus.publish_sync("user.note.added", {"ü": "ẞ"}, user_id="x" * 200, module="m" * 200)
+    for fields in _entries(bus):
+        decode_envelope(fields[b"e"], bus.settings.events_max_data_bytes)
+
+
+def test_publishing_the_same_event_id_again_stores_it_once(prefix: str) -> None:
+    bus = _bus(prefix)
+    chosen = str(uuid.uuid4())
+    assert bus.publish_sync("user.created", {"a": 1}, event_id=chosen) == chosen
+    assert bus.publish_sync("user.created", {"a": 1}, event_id=uuid.UUID(chosen)) == chosen
+
+    async def again() -> str:
+        try:
+            return await bus.publish("user.created", {"a": 1}, event_id=chosen.upper())
+        finally:
+            await bus.aclose()
+
+    assert asyncio.run(again()) == chosen
+    assert len(_entries(bus)) == 1
+    assert bus.sync_client().ttl(bus.keys.published(chosen)) > 0
+
+
+def test_events_published_by_a_handler_that_runs_again_keep_their_ids(prefix: str) -> None:
+    bus = _bus(prefix)
+    cause = {"event_id": str(uuid.uuid4()), "hops": 0}
+    first, second = [], []
+    for ids in (first, second):
+        with handling(cause, "m", delivery_id="task-1"):
+            ids.append(bus.publish_sync("a.b", {"n": 1}))
+            ids.append(bus.publish_sync("a.c", {"n": 2}))
+    assert first == second and first[0] != first[1]
+    assert len(_entries(bus)) == 2
+
+
+def test_publish_with_the_connection_gone_says_the_outcome_is_unknown_and_can_be_retried(prefix: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bus = _bus(prefix, url=f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(PublishOutcomeUnknown) as caught:
+        bus.publish_sync("user.created", {"a": 1})
+    assert "event_id=" in str(caught.value)
+    good = _bus(prefix)
+    assert good.publish_sync("user.created", {"a": 1}, event_id=caught.value.event_id) == caught.value.event_id
+    assert good.publish_sync("user.created", {"a": 1}, event_id=caught.value.event_id) == caught.value.event_id
+    assert len(_entries(good)) == 1
+
+
+@pytest.fixture
+def full_redis(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--maxmemory", "2mb", "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: _ping(url), timeout_s=10, what="a private redis-server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _ping(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_publish_into_a_full_redis_is_refused_and_nothing_earlier_is_evicted(full_redis: str) -> None:
+    bus = _bus("full", url=full_redis)
+    accepted = []
+    with pytest.raises(PublishRefused, match="nothing was stored"):
+        for i in range(100_000):
+            accepted.append(bus.publish_sync("bulk.item.made", {"i": i, "pad": "x" * 500}))
+    assert len(accepted) > 100
+    stored = [decode_envelope(f[b"e"], 65536).event_id for f in _entries(bus)]
+    assert stored == accepted  # every accepted event is still there, in order; no trimming
