@@ -14,6 +14,8 @@ broker_transport_options = {
     # Every Celery key lives under the environment's prefix, next to the event keys.
     "global_keyprefix": _keys.celery_keyprefix,
     "visibility_timeout": _settings.broker_visibility_timeout_s,
+    "unacked_restore_interval": _settings.broker_restore_interval_s,
+    "unacked_restore_throttle": 1,
 }
 
 # JSON only, everywhere: a pickled message is refused by the worker.

@@ -50,6 +50,10 @@ def cmd_router(args: argparse.Namespace) -> int:
     if not args.no_log_writer:
         writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
         writer.start()
+    from project.reconciler import Reconciler
+
+    reconciler = threading.Thread(target=Reconciler(get_settings()).run, args=(stop,), name="reconciler", daemon=True)
+    reconciler.start()
     router = Router(get_settings(), event_bus.registry, consumer=args.consumer)
     log.info("router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry), router.keys.prefix)
     router.run(stop)
@@ -73,6 +77,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"eventbus publish: --data is not JSON: {exc}", file=sys.stderr)
         return 2
     print(event_bus.publish_sync(args.event_type, data, user_id=args.user, module=args.module or "cli"))
+    return 0
+
+
+def cmd_requeue_rejected(args: argparse.Namespace) -> int:
+    """Send task messages that workers refused (unknown task) back to their queues."""
+    from project.rejected import requeue_rejected
+
+    done = requeue_rejected(event_bus, handler=args.handler, dry_run=args.dry_run)
+    for r in done:
+        print(f"{'would send' if args.dry_run else 'sent'} {r.task}[{r.task_id}] to {r.queue!r} ({r.reason})")
+    print(f"{len(done)} {'would be sent' if args.dry_run else 'sent again'}", file=sys.stderr)
     return 0
 
 
@@ -147,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="the user_id the event concerns")
     p.add_argument("--module", help="the publishing module (default: cli)")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("requeue-rejected", help="send tasks workers refused (unknown task) back to their queues")
+    p.add_argument("--handler", help="only the tasks of this handler (task name)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
+    p.set_defaults(func=cmd_requeue_rejected)
 
     p = sub.add_parser("routes", help="list every subscription")
     p.set_defaults(func=cmd_routes)

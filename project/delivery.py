@@ -1,4 +1,22 @@
-"""The worker side: one Celery task per subscription, which runs its handler once per event."""
+"""The worker side: one Celery task per subscription, and the delivery policy in its hooks.
+
+A delivery is one (event, handler): one Celery task with a task id derived from both. Its
+state lives in Redis (``Keys.delivery``: attempts and state) next to a lease
+(``Keys.lease``), and the policy lives in the task's own hooks, which Celery calls with
+explicit ids on every path, hard time limits included:
+
+- ``before_start``: skip a delivery that is done or dead; defer a copy whose lease another
+  process holds (sent again for when the lease lapses, never run in parallel); count the
+  attempt; give up on one that used all its attempts (a process killed each time).
+- ``on_success``: mark it done, so every later copy is skipped, and release the lease.
+- ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
+  with the same task id), or after the last attempt mark it dead and publish
+  ``module.error``.
+
+A worker process lost mid-task (OOM kill, segfault) has its message requeued by Celery
+(``reject_on_worker_lost``); the next start counts that attempt. Recording is not done here:
+the receivers in :mod:`project.signals` record what these hooks left in Redis.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +27,63 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from celery import Celery, Task
+from celery.exceptions import Ignore, Reject
 
 from project.bus import EventBus
 from project.context import handling
+from project.errors import DeliveryExhausted
+from project.inbox import AlreadyHandled, Event
+from project.lease import keeper, new_token
 from project.registry import Subscription
 
-__all__ = ["DeliveryTask", "register_tasks", "route_task"]
+__all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "backoff_s", "register_tasks", "route_task"]
 
 log = logging.getLogger("eventbus.delivery")
 
 MODULE_ERROR = "module.error"
+
+# KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s.
+_START_LUA = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'done' or st == 'dead' then
+  return {'skip', st, redis.call('HGET', KEYS[1], 'outbox') or ''}
+end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'busy', redis.call('PTTL', KEYS[2])}
+end
+local a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if a > tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'dead')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('DEL', KEYS[2])
+  return {'exhausted', a}
+end
+redis.call('HSET', KEYS[1], 'state', 'running')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {'run', a}
+"""
+
+# KEYS: delivery hash, lease. ARGV: token ('' if not ours to release), state ttl s.
+_DONE_LUA = """
+redis.call('HSET', KEYS[1], 'state', 'done')
+redis.call('HDEL', KEYS[1], 'outbox')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# KEYS: delivery hash, lease. ARGV: token ('' if unknown), max attempts, state ttl s, final.
+_FAIL_LUA = """
+local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local st = 'retrying'
+if ARGV[4] == '1' or a >= tonumber(ARGV[2]) then st = 'dead' end
+redis.call('HSET', KEYS[1], 'state', st)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return {st, a}
+"""
 
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -38,6 +102,10 @@ def backoff_s(sub: Subscription, retries: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class DeliveryTask(Task):  # type: ignore[misc]
     """Runs one subscription's handler; made by :func:`register_tasks`, one per subscription."""
 
@@ -47,45 +115,113 @@ class DeliveryTask(Task):  # type: ignore[misc]
     reject_on_worker_lost = True
     ignore_result = True
     typing = False
+    # Attempts are counted per delivery in Redis (a lost process never reaches Celery's own
+    # retry counter), so Celery's limit is off.
+    max_retries = None
 
-    def run(self, event: dict[str, Any]) -> str:
-        sub, bus = self.subscription, self.bus
-        # project.signals asked already, in the same round trip as recording "started".
-        done = getattr(self.request, "eventbus_done", None)
-        recorded = done is not None
-        if not recorded:
-            done = bool(bus.sync_client().exists(bus.keys.delivery_done(self.request.id)))
-        if done:
-            log.info("%s: delivery of %s already succeeded; skipped", sub.name, event.get("event_id"))
-            return "duplicate"
+    @property
+    def max_attempts(self) -> int:
+        """How many times the handler may start for one event: ``max_retries + 1``."""
+        return self.subscription.max_retries + 1
+
+    def _scripts_args(self, task_id: str) -> tuple[Any, list[str]]:
+        keys = self.bus.keys
+        return self.bus.sync_client(), [keys.delivery(task_id), keys.lease(task_id)]
+
+    # -- the hooks -----------------------------------------------------------------------
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        s = self.bus.settings
+        client, keys = self._scripts_args(task_id)
+        token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
         try:
-            with handling(event, sub.module):
-                result = sub.handler(event)
+            reply: Any = client.eval(_START_LUA, 2, *keys, token, lease_ms, self.max_attempts, s.delivery_done_ttl_s)
+        except redis.RedisError as exc:
+            # Put the message back rather than run without a lease or lose it.
+            log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)
+            raise Reject(exc, requeue=True) from exc
+        verdict = _text(reply[0])
+        if verdict == "run":
+            keeper.hold(client, keys[1], token, lease_ms)
+            return
+        if verdict == "skip":
+            outbox = _text(reply[2])
+            if outbox:  # the effect committed, its events may not have gone out: send them
+                from project.inbox import send_outbox
+
+                send_outbox(self.bus, outbox)
+                client.hdel(keys[0], "outbox")
+            log.info("%s[%s]: delivery already %s; this copy is skipped", self.name, task_id, _text(reply[1]))
+            raise Ignore()
+        if verdict == "busy":
+            delay_s = max(int(reply[1]), 100) / 1000 + random.uniform(0, 0.5)
+            log.info(
+                "%s[%s]: another copy holds the lease; this copy is deferred by %.1fs", self.name, task_id, delay_s
+            )
+            self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s)
+            raise Ignore()
+        raise DeliveryExhausted(
+            f"{self.name}: delivery {task_id} started {int(reply[1])} times, over its {self.max_attempts} "
+            "attempts: its process was lost (killed, out of memory, timed out) each time"
+        )
+
+    def run(self, event: dict[str, Any]) -> dict[str, Any]:
+        sub, task_id = self.subscription, self.request.id
+        try:
+            with handling(event, sub.module, delivery_id=task_id):
+                result = sub.handler(Event(event, self.bus, task_id, self.name))
                 if inspect.isawaitable(result):
                     _run_coroutine(result)
-        except Exception as exc:
-            retries = self.request.retries
-            if retries < sub.max_retries:
-                raise self.retry(exc=exc, countdown=backoff_s(sub, retries), max_retries=sub.max_retries) from exc
-            self._report_dead(event, exc, attempts=retries + 1)
-            raise
-        if not recorded:  # otherwise the success signal marks it, with the "succeeded" record
-            self.mark_done(bus.sync_client())
-        return "ok"
+        except AlreadyHandled:
+            log.info("%s[%s]: its effect was committed by an earlier copy; skipped", self.name, task_id)
+            return {"task_id": task_id, "event_id": event.get("event_id"), "status": "duplicate"}
+        return {"task_id": task_id, "event_id": event.get("event_id"), "status": "ok"}
 
-    def mark_done(self, client: Any) -> None:
-        """Remember that this delivery succeeded, so a later copy of its task is skipped."""
-        client.set(self.bus.keys.delivery_done(self.request.id), 1, ex=self.bus.settings.delivery_done_ttl_s)
+    def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        client, keys = self._scripts_args(task_id)
+        token = keeper.release(keys[1]) or ""
+        client.eval(_DONE_LUA, 2, *keys, token, self.bus.settings.delivery_done_ttl_s)
 
-    def _report_dead(self, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], einfo: Any
+    ) -> None:
+        sub = self.subscription
+        client, keys = self._scripts_args(task_id)
+        # In the worker's main process (a hard time limit) nothing is held: the killed
+        # child's lease lapses by itself, and the retry below is deferred until it has.
+        token = keeper.release(keys[1]) or ""
+        final = isinstance(exc, DeliveryExhausted)
+        try:
+            reply: Any = client.eval(
+                _FAIL_LUA, 2, *keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final)
+            )
+        except redis.RedisError:
+            # The message is not acknowledged either (same Redis): it comes back after the
+            # visibility timeout and this attempt is counted again then.
+            log.exception("%s[%s]: cannot record the failed attempt", self.name, task_id)
+            return
+        state, attempts = _text(reply[0]), int(reply[1])
+        event = args[0] if args and isinstance(args[0], dict) else {}
+        if state == "retrying":
+            delay_s = backoff_s(sub, max(attempts - 1, 0))
+            log.warning(
+                "%s[%s]: attempt %d of %d failed (%r); retrying in %.1fs",
+                self.name, task_id, attempts, self.max_attempts, exc, delay_s,
+            )  # fmt: skip
+            self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s, retries=attempts)
+            return
+        self._report_dead(task_id, event, exc, attempts)
+
+    def _report_dead(self, task_id: str, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:
         sub = self.subscription
         log.error("%s: gave up on event %s after %d attempts: %r", sub.name, event.get("event_id"), attempts, exc)
-        if event.get("event_type") == MODULE_ERROR:
+        if event.get("event_type") == MODULE_ERROR or "event_id" not in event:
             return  # a failing module.error handler must not feed itself
         # The report is caused by the failed event but starts its hop count afresh: a chain
-        # stopped by the hop limit must still be able to report it.
+        # stopped by the hop limit must still be able to report it. Its id is derived from
+        # the delivery, so a report sent twice (a crash right after it) is stored once.
         try:
-            with handling({**event, "hops": 0}, sub.module):
+            with handling({**event, "hops": 0}, sub.module, delivery_id=f"{task_id}/{MODULE_ERROR}"):
                 self.bus.publish_sync(
                     MODULE_ERROR,
                     {
@@ -108,6 +244,7 @@ def register_tasks(app: Celery, bus: EventBus) -> None:
     for sub in bus.registry:
         if sub.name in app.tasks:
             continue
+        hard_s = sub.time_limit_s or bus.settings.delivery_time_limit_s
         task_cls = type(
             f"Delivery[{sub.name}]",
             (DeliveryTask,),
@@ -115,8 +252,9 @@ def register_tasks(app: Celery, bus: EventBus) -> None:
                 "name": sub.name,
                 "subscription": sub,
                 "bus": bus,
-                "max_retries": sub.max_retries,
-                "time_limit": sub.time_limit_s,
+                "time_limit": hard_s,
+                # Raised inside the handler first, so it can clean up; the hard limit kills.
+                "soft_time_limit": sub.soft_time_limit_s or hard_s * 0.9,
                 "__module__": __name__,
             },
         )

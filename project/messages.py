@@ -18,7 +18,7 @@ import socket
 import uuid
 from typing import Any
 
-__all__ = ["build_task_message", "delivery_task_id"]
+__all__ = ["build_task_message", "delivery_task_id", "wrap_message"]
 
 # Fixed namespace: the same (event_id, handler) always gets the same task_id.
 _TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
@@ -66,8 +66,13 @@ def build_task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    return wrap_message(body.encode(), headers, queue=queue, task_id=task_id)
+
+
+def wrap_message(body: bytes, headers: dict[str, Any], *, queue: str, task_id: str) -> str:
+    """Wrap a task's JSON ``body`` and ``headers`` in kombu's Redis envelope for ``queue``."""
     message = {
-        "body": base64.b64encode(body.encode()).decode("ascii"),
+        "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,

@@ -33,6 +33,7 @@ class Subscription:
     backoff_s: float
     backoff_max_s: float
     time_limit_s: float | None = None
+    soft_time_limit_s: float | None = None
 
 
 class Registry:

@@ -1,92 +1,150 @@
 """Celery signal receivers that record every delivery's progress in the log buffer.
 
 The router records the event and each ``dispatched`` delivery inside its dispatch script;
-deliveries that Celery itself publishes (a retry) and every state change on the workers
-arrive here. Each receiver does one XADD; PostgreSQL is never touched on this path.
+every later change arrives here, read from the signals' own arguments (task id, args,
+result) and from the delivery's state the policy hooks left in Redis (attempts, retrying
+or dead), never from ``sender.request``. Each receiver makes one Redis round trip (a small
+script that appends the record), and PostgreSQL is never touched on this path.
+
+A task no worker knows (a rolling deploy, a typo in ``EVENT_HANDLER_MODULES``) is not
+dropped: its message is kept whole in ``<prefix>:rejected-tasks`` and the delivery recorded
+``rejected``; ``eventbus requeue-rejected`` sends it again.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import time
 from typing import Any
 
 from celery import signals
 
+from project.bus import EventBus
 from project.delivery import DeliveryTask
-from project.eventlog import delivery_record
+from project.events import event_bus
 
 __all__ = ["connect"]
 
 log = logging.getLogger("eventbus.signals")
 
+# KEYS: log buffer, delivery hash, shed counters.
+# ARGV: event_id, handler, status, error, at, max records, policy. Status '' records the
+# failure the hooks decided (retrying or dead); '?settled' records a done or dead delivery
+# whose copy was skipped (so a success whose record was lost in a crash is recorded now).
+_RECORD_LUA = """
+if ARGV[7] == 'shed' and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[6]) then
+  redis.call('HINCRBY', KEYS[3], 'd', 1)
+  return 0
+end
+local st = ARGV[3]
+local a = tonumber(redis.call('HGET', KEYS[2], 'attempts') or '0')
+if st == '' or st == '?settled' then
+  local s = redis.call('HGET', KEYS[2], 'state')
+  if st == '?settled' then
+    if s == 'done' then st = 'succeeded' elseif s == 'dead' then st = 'dead' else return 0 end
+  elseif s == 'dead' or s == 'retrying' then st = s else st = 'failed' end
+end
+local err = cjson.null
+if ARGV[4] ~= '' then err = ARGV[4] end
+redis.call('XADD', KEYS[1], '*', 'r', cjson.encode({'d', tonumber(ARGV[5]), ARGV[1], ARGV[2], st, a, err}))
+return 1
+"""
+
 
 def _record(
-    task: Any, status: str, error: str | None = None, request: Any = None, pipe: Any = None
-) -> list[Any] | None:
-    """Append the delivery's new status to the log buffer (in ``pipe`` if given, then run it)."""
-    req = request or task.request
-    args = req.args or ()
-    event = args[0] if args and isinstance(args[0], dict) else {}
+    handler: str, task_id: str, event_id: Any, status: str, error: str | None = None, bus: EventBus = event_bus
+) -> None:
+    """Append the delivery's new status to the log buffer; never fails the task."""
+    if not event_id:
+        return  # not a delivery (no envelope): nothing to record it under
+    keys, s = bus.keys, bus.settings
     try:
-        pipe = pipe if pipe is not None else task.bus.sync_client().pipeline(transaction=False)
-        pipe.xadd(
-            task.bus.keys.log_buffer,
-            {
-                "r": delivery_record(
-                    event_id=str(event.get("event_id")),
-                    handler=task.name,
-                    queue=(req.delivery_info or {}).get("routing_key") or task.subscription.queue,
-                    task_id=req.id,
-                    status=status,
-                    attempt=(req.retries or 0) + 1,
-                    error=error[:4000] if error else None,
-                )
-            },
+        bus.sync_client().eval(
+            _RECORD_LUA,
+            3,
+            keys.log_buffer,
+            keys.delivery(task_id),
+            keys.log_shed,
+            str(event_id or ""),
+            handler,
+            status,
+            (error or "")[:4000],
+            f"{time.time():.6f}",
+            s.log_buffer_max_records,
+            s.log_buffer_full_policy,
         )
-        return list(pipe.execute())
     except Exception:  # recording must never fail the task itself
-        log.exception("could not record %s of %s", status, task.name)
-        return None
+        log.exception("could not record %s of %s[%s]", status or "the failure", handler, task_id)
 
 
-# One round trip at each end of a delivery: "started" goes with the check whether the
-# delivery already succeeded (DeliveryTask.run reads the answer from the request), and
-# "succeeded" goes, in one transaction, with the marker that makes later copies skip.
+def _event_id(args: Any) -> Any:
+    event = args[0] if args and isinstance(args[0], dict) else {}
+    return event.get("event_id")
 
 
-def _on_prerun(sender: Any = None, **_: Any) -> None:
-    if not isinstance(sender, DeliveryTask):
-        return
-    pipe = sender.bus.sync_client().pipeline(transaction=False)
-    pipe.exists(sender.bus.keys.delivery_done(sender.request.id))
-    replies = _record(sender, "started", pipe=pipe)
-    if replies is not None:
-        sender.request.eventbus_done = bool(replies[0])
+def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    # "duplicate": an earlier copy committed the effect (inbox) and died before its record.
+    if isinstance(sender, DeliveryTask) and isinstance(result, dict) and result.get("status") in ("ok", "duplicate"):
+        _record(sender.name, result["task_id"], result["event_id"], "succeeded", bus=sender.bus)
 
 
-def _on_success(sender: Any = None, **_: Any) -> None:
-    if not isinstance(sender, DeliveryTask):
-        return
-    pipe = sender.bus.sync_client().pipeline(transaction=True)
-    sender.mark_done(pipe)
-    _record(sender, "succeeded", pipe=pipe)
+def _on_postrun(sender: Any = None, task_id: str | None = None, args: Any = None, state: Any = None, **_: Any) -> None:
+    # A copy skipped on start (Celery's IGNORED state): record the state the delivery is
+    # settled in, in case the copy that settled it died before its own record.
+    if isinstance(sender, DeliveryTask) and task_id and state == "IGNORED":
+        _record(sender.name, task_id, _event_id(args), "?settled", bus=sender.bus)
+
+
+def _on_failure(
+    sender: Any = None, task_id: str | None = None, exception: Any = None, args: Any = None, **_: Any
+) -> None:
+    if isinstance(sender, DeliveryTask) and task_id:
+        _record(sender.name, task_id, _event_id(args), "", error=repr(exception), bus=sender.bus)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    if isinstance(sender, DeliveryTask):
-        _record(sender, "retrying", error=repr(getattr(reason, "exc", None) or reason), request=request)
+    # The delivery policy retries by sending the task again from on_failure; this is
+    # Celery's own retry path (task_retry_on_worker_lost, for example).
+    if isinstance(sender, DeliveryTask) and request is not None:
+        _record(sender.name, request.id, _event_id(request.args), "retrying", error=repr(reason), bus=sender.bus)
 
 
-def _on_failure(sender: Any = None, exception: Any = None, **_: Any) -> None:
-    if not isinstance(sender, DeliveryTask):
+def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: Any = None, **_: Any) -> None:
+    keys = event_bus.keys
+    try:
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        queue = (message.delivery_info or {}).get("routing_key") or ""
+        args = json.loads(body)[0] if message.content_type == "application/json" else []
+        event_bus.sync_client().xadd(
+            keys.rejected_tasks,
+            {
+                "task": name or "",
+                "id": str(id or ""),
+                "queue": queue,
+                "headers": json.dumps(message.headers or {}, default=str),
+                "body": base64.b64encode(body).decode("ascii"),
+                "content_type": message.content_type or "",
+                "reason": f"no task {name!r} on this worker (EVENT_HANDLER_MODULES differs?)",
+                "at": f"{time.time():.6f}",
+            },
+        )
+    except Exception:
+        log.exception("could not keep the message of unknown task %s[%s]", name, id)
         return
-    dead = (sender.request.retries or 0) >= sender.subscription.max_retries
-    _record(sender, "dead" if dead else "failed", error=repr(exception))
+    log.error(
+        "task %s[%s] is unknown to this worker: kept in %s, recorded rejected; "
+        "run `eventbus requeue-rejected` once a worker has it",
+        name, id, keys.rejected_tasks,
+    )  # fmt: skip
+    _record(str(name), str(id), _event_id(args), "rejected", error=f"unknown task {name!r} on a worker of {queue!r}")
 
 
 def connect() -> None:
     """Connect the receivers (idempotent: Celery ignores a second connect of the same one)."""
-    signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="eventbus.prerun")
     signals.task_success.connect(_on_success, weak=False, dispatch_uid="eventbus.success")
+    signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="eventbus.postrun")
     signals.task_retry.connect(_on_retry, weak=False, dispatch_uid="eventbus.retry")
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="eventbus.failure")
+    signals.task_unknown.connect(_on_unknown, weak=False, dispatch_uid="eventbus.unknown")

@@ -41,6 +41,8 @@ events_log = Table(
     Column("user_id", Text),
     Column("module", Text),
     Column("data", JSONB, nullable=False),
+    # user_id's JSON value (number or string): user_id is text for indexing.
+    Column("user_id_json", JSONB),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("causation_id", UUID(as_uuid=False)),

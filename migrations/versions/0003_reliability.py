@@ -1,4 +1,4 @@
-"""delivery status 'rejected'; the exactly-once helper's delivery_inbox
+"""delivery status 'rejected'; the exactly-once helper's delivery_inbox; user_id's JSON value
 
 Revision ID: 0003
 Revises: 0002
@@ -23,6 +23,9 @@ _NEW = "status IN ('dispatched', 'started', 'succeeded', 'retrying', 'failed', '
 def upgrade() -> None:
     op.drop_constraint("ck_event_deliveries_status", "event_deliveries", type_="check")
     op.create_check_constraint("ck_event_deliveries_status", "event_deliveries", _NEW)
+    # user_id is text (for indexing); its JSON value (a number or a string) is kept beside
+    # it, so an event rebuilt from the record (reconciler, redrive) is the event published.
+    op.add_column("events_log", sa.Column("user_id_json", postgresql.JSONB()))
     op.create_table(
         "delivery_inbox",
         sa.Column("task_id", postgresql.UUID(as_uuid=False), primary_key=True),
@@ -35,5 +38,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("delivery_inbox")
+    op.drop_column("events_log", "user_id_json")
     op.drop_constraint("ck_event_deliveries_status", "event_deliveries", type_="check")
     op.create_check_constraint("ck_event_deliveries_status", "event_deliveries", _OLD)

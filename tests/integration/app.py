@@ -7,8 +7,14 @@ each delivery ran exactly once.
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
+import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
+
+from project.delivery import Event
 from project.events import event_bus
 from project.modules import BaseModule
 
@@ -88,3 +94,75 @@ def ping_again(event: dict[str, Any]) -> None:
     """A handler that re-publishes the event it handles: the loop guard must stop it."""
     _count(event, "ping_again")
     event_bus.publish_sync("loop.ping.sent", {"n": event["data"]["n"] + 1})
+
+
+# -- the delivery policy: time limits, lost processes, long runs, exactly-once helpers -------
+
+
+def _run_number(event: dict[str, Any], handler: str) -> int:
+    return _count(event, handler)
+
+
+@event_bus.subscribe("policy.slow.requested", queue="gamma", max_retries=2, time_limit_s=1.5)
+def slow(event: dict[str, Any]) -> None:
+    """Sleeps past its hard time limit (ignoring the soft one) on its first ``slow_runs`` runs."""
+    if _run_number(event, "slow") <= event["data"].get("slow_runs", 0):
+        try:
+            time.sleep(30)
+        except SoftTimeLimitExceeded:
+            if event["data"].get("ignore_soft"):
+                time.sleep(30)
+            raise
+
+
+@event_bus.subscribe("policy.crash.requested", queue="gamma", max_retries=2)
+def crash(event: dict[str, Any]) -> None:
+    """Kills its own process on its first ``crashes`` runs."""
+    if _run_number(event, "crash") <= event["data"]["crashes"]:
+        os._exit(1)
+
+
+_CONCURRENCY_LUA = """
+local r = redis.call('INCR', KEYS[1])
+if r > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], r) end
+return r
+"""
+
+
+@event_bus.subscribe("policy.long.requested", queue="gamma", max_retries=0)
+def long_runner(event: dict[str, Any]) -> None:
+    """Runs for ``sleep_s``, counting how many copies run at once."""
+    client, prefix = event_bus.sync_client(), event_bus.keys.prefix
+    client.eval(_CONCURRENCY_LUA, 2, f"{prefix}:test:running", f"{prefix}:test:max-running")
+    try:
+        _count(event, "long_runner")
+        time.sleep(event["data"]["sleep_s"])
+    finally:
+        client.decr(f"{prefix}:test:running")
+
+
+@event_bus.subscribe("once.redis.requested", queue="gamma", max_retries=3)
+def once_in_redis(event: Event) -> None:
+    """Its effect (and an event it publishes) happen once, even if its process dies after."""
+    _count(event, "once_in_redis")
+    with event.redis_transaction() as pipe:
+        pipe.hincrby(f"{event_bus.keys.prefix}:test:effects", f"{event['event_id']}:once_in_redis", 1)
+        event_bus.publish_sync("once.redis.done", {"of": event["event_id"]})
+    if event["data"].get("die_after_commit") and _runs(event, "once_in_redis") == 1:
+        os._exit(1)
+
+
+@event_bus.subscribe("once.sql.requested", queue="gamma", max_retries=3)
+def once_in_sql(event: Event) -> None:
+    """Its INSERT (and an event it publishes) happen once, even if its process dies after."""
+    _count(event, "once_in_sql")
+    with event.transaction() as conn:
+        conn.execute(sa.text("INSERT INTO test_effects (event_id) VALUES (:e)"), {"e": event["event_id"]})
+        event_bus.publish_sync("once.sql.done", {"of": event["event_id"]})
+    if event["data"].get("die_after_commit") and _runs(event, "once_in_sql") == 1:
+        os._exit(1)
+
+
+def _runs(event: dict[str, Any], handler: str) -> int:
+    raw = event_bus.sync_client().hget(f"{event_bus.keys.prefix}:test:runs", f"{event['event_id']}:{handler}")
+    return int(raw or 0)

@@ -239,6 +239,7 @@ def stack(prefix: str, database: str, tmp_path: Path, request: pytest.FixtureReq
         "LOG_RETRY_MAX_S": "0.5",
         "DELIVERY_BACKOFF_S": "0.05",
         "DELIVERY_BACKOFF_MAX_S": "0.2",
+        "DELIVERY_LEASE_S": "1",
         "PYTHONUNBUFFERED": "1",
     }
     s = Stack(prefix=prefix, database=database, workdir=tmp_path, env=env)

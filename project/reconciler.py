@@ -1,0 +1,153 @@
+"""The reconciler: sends again deliveries that were dispatched but never started.
+
+kombu's Redis transport takes a message off its queue (BRPOP) before the worker records it
+as unacknowledged; a worker's main process killed in between loses that message for good,
+and plain Celery cannot notice. The record can: such a delivery stays ``dispatched`` in
+``event_deliveries`` while no worker ever started it, so it has no state in Redis
+(``Keys.delivery``, made on its first start).
+
+Every ``RECONCILE_INTERVAL_S`` one router (a lock in Redis picks it) looks for deliveries
+``dispatched`` more than ``RECONCILE_AFTER_S`` ago and less than ``DELIVERY_DONE_TTL_S``
+ago (past that, a missing state no longer proves the delivery never started, so they are
+only reported), with no state in Redis, and sends each again with its own task id, from the
+event as the record holds it. It costs nothing per delivery on the hot path: one query per
+interval. A delivery that was only slow to start (a long queue) is sent twice; its second
+copy is skipped by the workers' done check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+
+from project.keys import Keys
+from project.lease import new_token
+from project.messages import build_task_message
+from project.records import delivery_record
+from project.settings import Settings
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger("eventbus.reconciler")
+
+_BATCH = 500
+
+_STALE = sa.text(
+    """
+    SELECT d.event_id::text AS event_id, d.handler, d.queue, d.task_id::text AS task_id, d.updated_at,
+           e.event_type, e.user_id, e.user_id_json, e.data, e.occurred_at, e.module,
+           e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops
+    FROM event_deliveries d JOIN events_log e ON e.event_id = d.event_id
+    WHERE d.status = 'dispatched' AND d.updated_at < :before AND d.updated_at >= :after
+    ORDER BY d.updated_at
+    LIMIT :limit
+    """
+)
+
+_TOO_OLD = sa.text("SELECT count(*) FROM event_deliveries WHERE status = 'dispatched' AND updated_at < :after")
+
+
+def _envelope(row: Any) -> str:
+    user_id = row.user_id_json if row.user_id_json is not None else row.user_id
+    return json.dumps(
+        {
+            "event_id": row.event_id,
+            "event_type": row.event_type,
+            "user_id": user_id,
+            "data": row.data,
+            "timestamp": row.occurred_at.isoformat(),
+            "module": row.module,
+            "causation_id": row.causation_id,
+            "correlation_id": row.correlation_id,
+            "hops": row.hops,
+        },
+        separators=(",", ":"),
+    )
+
+
+class Reconciler:
+    """Finds deliveries lost between Redis and a worker, and sends them again."""
+
+    def __init__(self, settings: Settings, *, engine: sa.Engine | None = None, client: redis.Redis | None = None):
+        self.settings = settings
+        self.keys = Keys(settings.events_prefix)
+        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.engine = engine or sa.create_engine(settings.database_url, pool_pre_ping=True, pool_size=1)
+        self._token = new_token()
+        self.resent = 0
+        self._reported_old = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Reconcile every ``RECONCILE_INTERVAL_S`` until ``stop`` is set; survives outages."""
+        s = self.settings
+        if s.reconcile_after_s <= 0:
+            return
+        while not stop.wait(s.reconcile_interval_s):
+            try:
+                self.reconcile_once()
+            except (redis.RedisError, sa.exc.SQLAlchemyError) as exc:
+                log.warning("reconciler: %s; trying again in %.0fs", str(exc).splitlines()[0], s.reconcile_interval_s)
+            except Exception:  # a bug must not end the router's process
+                log.exception("reconciler: unexpected error")
+
+    def reconcile_once(self) -> int:
+        """One pass (if no other router holds the pass); return how many deliveries were sent again."""
+        s = self.settings
+        if not self.client.set(self.keys.reconcile_lock, self._token, nx=True, px=int(s.reconcile_interval_s * 900)):
+            return 0
+        now = time.time()
+        after = _ts(now - s.delivery_done_ttl_s * 0.9)
+        with self.engine.connect() as conn:
+            rows = list(
+                conn.execute(_STALE, {"before": _ts(now - s.reconcile_after_s), "after": after, "limit": _BATCH})
+            )
+            too_old = int(conn.execute(_TOO_OLD, {"after": after}).scalar_one())
+        if too_old and too_old != self._reported_old:
+            log.error(
+                "reconciler: %d deliveries have been 'dispatched' for longer than DELIVERY_DONE_TTL_S; whether they "
+                "ever started is no longer known, so they are not sent again automatically: look at them in "
+                "event_deliveries",
+                too_old,
+            )
+        self._reported_old = too_old
+        if not rows:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for row in rows:
+            pipe.exists(self.keys.delivery(row.task_id))
+        started = pipe.execute()
+        lost = [row for row, seen in zip(rows, started, strict=True) if not seen]
+        if not lost:
+            return 0
+        pipe = self.client.pipeline(transaction=True)
+        for row in lost:
+            message = build_task_message(
+                task_name=row.handler,
+                task_id=row.task_id,
+                queue=row.queue,
+                envelope_json=_envelope(row),
+                event_type=row.event_type,
+                event_id=row.event_id,
+            )
+            pipe.lpush(self.keys.celery_queue(row.queue), message)
+            note = f"sent again by the reconciler: dispatched at {row.updated_at.isoformat()} and never started"
+            pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, "dispatched", None, note)})
+        pipe.execute()
+        for row in lost:
+            log.warning(
+                "reconciler: delivery of event %s to %s was dispatched at %s and never started; sent again (task %s)",
+                row.event_id, row.handler, row.updated_at.isoformat(), row.task_id,
+            )  # fmt: skip
+        self.resent += len(lost)
+        return len(lost)
+
+
+def _ts(unix_s: float) -> datetime:
+    return datetime.fromtimestamp(unix_s, UTC)

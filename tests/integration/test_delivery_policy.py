@@ -1,0 +1,136 @@
+"""The delivery policy on real workers: time limits, lost processes, long runs, unknown tasks.
+
+Every kind of failure counts as an attempt and ends `succeeded`, `dead` (with module.error) or
+`rejected`; never an endless loop, a silent drop, or two copies of a handler at once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import wait_for
+from tests.integration.conftest import ROOT, Stack
+
+DELIVERY = "SELECT status, attempts, error FROM event_deliveries WHERE event_id = :e AND handler = :h"
+APP = "tests.integration.app"
+
+
+def _delivery(stack: Stack, event_id: str, handler: str, status: str, timeout_s: float = 60) -> object:
+    return stack.wait_query(
+        DELIVERY, until=lambda r: r and r[0].status == status, timeout_s=timeout_s, e=event_id, h=f"{APP}.{handler}"
+    )[0]
+
+
+def _module_errors(stack: Stack) -> list[dict[str, object]]:
+    rows = stack.query("SELECT data FROM events_log WHERE event_type = 'module.error'")
+    return [r.data for r in rows]
+
+
+def test_handler_past_its_hard_time_limit_is_retried_and_then_succeeds(stack: Stack) -> None:
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.slow.requested", {"slow_runs": 1, "ignore_soft": True})
+    row = _delivery(stack, event_id, "slow", "succeeded")
+    assert row.attempts == 2  # type: ignore[attr-defined]
+    assert stack.runs() == {f"{event_id}:slow": 2}
+    assert "Hard time limit (1.5s) exceeded" in stack.log("worker")
+
+
+def test_handler_always_past_its_time_limit_ends_dead_with_module_error(stack: Stack) -> None:
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.slow.requested", {"slow_runs": 99, "ignore_soft": True})
+    row = _delivery(stack, event_id, "slow", "dead")
+    assert row.attempts == 3  # type: ignore[attr-defined]  # max_retries=2
+    assert "TimeLimitExceeded" in row.error  # type: ignore[attr-defined]
+    report = wait_for(lambda: _module_errors(stack), what="module.error")[0]
+    assert report["event_id"] == event_id and report["attempts"] == 3
+    stack.settle()
+    assert stack.runs() == {f"{event_id}:slow": 3}
+
+
+def test_soft_time_limit_is_raised_inside_the_handler_first(stack: Stack) -> None:
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.slow.requested", {"slow_runs": 1})
+    row = _delivery(stack, event_id, "slow", "succeeded")
+    assert row.attempts == 2  # type: ignore[attr-defined]
+    assert "SoftTimeLimitExceeded" in stack.log("worker")
+    assert "Hard time limit" not in stack.log("worker")
+
+
+def test_handler_killing_its_process_counts_attempts_and_ends_dead(stack: Stack) -> None:
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    bus = stack.bus()
+    recovers = bus.publish_sync("policy.crash.requested", {"crashes": 2})
+    doomed = bus.publish_sync("policy.crash.requested", {"crashes": 99})
+    row = _delivery(stack, recovers, "crash", "succeeded", timeout_s=90)
+    assert row.attempts == 3  # type: ignore[attr-defined]
+    row = _delivery(stack, doomed, "crash", "dead", timeout_s=90)
+    assert row.attempts == 4  # type: ignore[attr-defined]  # 3 attempts started, the 4th copy gave up
+    assert "DeliveryExhausted" in row.error  # type: ignore[attr-defined]
+    report = wait_for(lambda: _module_errors(stack), what="module.error")[0]
+    assert report["event_id"] == doomed
+    assert stack.runs() == {f"{recovers}:crash": 3, f"{doomed}:crash": 3}
+    assert stack.procs["worker"].poll() is None
+
+
+def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(stack: Stack) -> None:
+    stack.env.update({"BROKER_VISIBILITY_TIMEOUT_S": "2", "BROKER_RESTORE_INTERVAL_S": "1"})
+    stack.start_worker(queues="gamma", concurrency=2)
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 8})
+    _delivery(stack, event_id, "long_runner", "succeeded", timeout_s=60)
+    # kombu restored the unacknowledged message while the handler ran: the copy was deferred.
+    assert "another copy holds the lease" in stack.log("worker")
+    assert int(stack.redis.get(f"{stack.prefix}:test:max-running") or 0) == 1
+    stack.settle()
+    wait_for(lambda: "this copy is skipped" in stack.log("worker"), timeout_s=30, what="the late copy skipped")
+    assert stack.runs() == {f"{event_id}:long_runner": 1}
+
+
+def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stack: Stack) -> None:
+    # A rolling deploy: the router has a handler the running worker does not have yet.
+    stack.start_worker(queues="alpha")
+    stack.start_router(EVENT_HANDLER_MODULES=f"{APP},tests.integration.app_next")
+    event_id = stack.bus().publish_sync("user.birth_data.updated", user_id="u1")
+    handler = "tests.integration.app_next.on_birth_data_next"
+    row = stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "rejected", e=event_id, h=handler)[0]
+    assert "unknown task" in row.error
+    kept = stack.redis.xrange(stack.bus().keys.rejected_tasks)
+    assert len(kept) == 1 and kept[0][1][b"task"].decode() == handler
+    assert stack.runs() == {f"{event_id}:on_birth_data": 1}
+
+    stack.stop("worker")
+    stack.start_worker("worker-next", queues="alpha", EVENT_HANDLER_MODULES=f"{APP},tests.integration.app_next")
+    out = subprocess.run(
+        [sys.executable, "-m", "project.cli", "requeue-rejected"],
+        cwd=ROOT, env={**stack.env, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"sent {handler}" in out.stdout
+    stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=event_id, h=handler)
+    assert stack.runs() == {f"{event_id}:on_birth_data": 1, f"{event_id}:on_birth_data_next": 1}
+    assert stack.redis.xlen(stack.bus().keys.rejected_tasks) == 0
+
+
+def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(stack: Stack) -> None:
+    stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
+    stack.start_router()
+    bus = stack.bus()
+    event_id = bus.publish_sync("user.birth_data.updated", user_id=7)
+    stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "dispatched", e=event_id, h=f"{APP}.on_birth_data")
+    # What kombu's BRPOP loses when a worker dies with the message in flight.
+    queue = bus.keys.celery_queue("alpha")
+    wait_for(lambda: stack.redis.llen(queue) == 1, what="the task on its queue")
+    stack.redis.delete(queue)
+    wait_for(lambda: stack.redis.llen(queue) == 1, timeout_s=30, what="the reconciler to send it again")
+    assert "never started; sent again" in stack.log("router")
+    stack.start_worker(queues="alpha")
+    _delivery(stack, event_id, "on_birth_data", "succeeded")
+    assert stack.runs() == {f"{event_id}:on_birth_data": 1}
+    seen = json.loads(stack.redis.lrange(f"{stack.prefix}:test:seen:on_birth_data", 0, -1)[0])
+    assert seen["user_id"] == 7  # rebuilt from the record, with user_id's type

@@ -1,0 +1,88 @@
+"""The exactly-once helpers: an effect and its events happen once, even if the process dies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from project.messages import build_task_message, delivery_task_id
+from tests.conftest import wait_for
+from tests.integration.conftest import Stack
+
+DELIVERY = "SELECT status, attempts FROM event_deliveries WHERE event_id = :e AND handler = :h"
+APP = "tests.integration.app"
+
+
+@pytest.fixture
+def effects_table(stack: Stack) -> Stack:
+    engine = stack.engine()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE test_effects (id bigserial PRIMARY KEY, event_id uuid NOT NULL)")
+    engine.dispose()
+    return stack
+
+
+def _published(stack: Stack, event_type: str) -> list[str]:
+    entries = stack.redis.xrange(stack.bus().keys.stream)
+    events = [json.loads(fields[b"e"]) for _, fields in entries]
+    return [e["event_id"] for e in events if e["event_type"] == event_type]
+
+
+def _effects_in_redis(stack: Stack, event_id: str) -> int:
+    return int(stack.redis.hget(f"{stack.prefix}:test:effects", f"{event_id}:once_in_redis") or 0)
+
+
+@pytest.mark.parametrize("die_after_commit", [False, True])
+def test_redis_effect_and_its_event_happen_once_even_if_the_process_dies_after_commit(
+    effects_table: Stack, die_after_commit: bool
+) -> None:
+    stack = effects_table
+    stack.start_worker(queues="gamma")
+    bus = stack.bus()
+    event_id = bus.publish_sync("once.redis.requested", {"die_after_commit": die_after_commit})
+    stack.start_router()
+    stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=event_id, h=f"{APP}.once_in_redis")
+    assert _effects_in_redis(stack, event_id) == 1
+    assert stack.runs() == {f"{event_id}:once_in_redis": 1}  # the second copy was skipped on start
+    wait_for(lambda: len(_published(stack, "once.redis.done")) == 1, what="the event published inside")
+    if die_after_commit:
+        assert "this copy is skipped" in stack.log("worker")
+
+    # A copy arriving later (a redelivery) changes nothing.
+    task_id = delivery_task_id(event_id, f"{APP}.once_in_redis")
+    envelope = json.loads(stack.redis.xrange(bus.keys.stream, count=1)[0][1][b"e"])
+    stack.redis.lpush(
+        bus.keys.celery_queue("gamma"),
+        build_task_message(
+            task_name=f"{APP}.once_in_redis", task_id=task_id, queue="gamma",
+            envelope_json=json.dumps(envelope), event_type=envelope["event_type"], event_id=event_id,
+        ),
+    )  # fmt: skip
+    wait_for(lambda: stack.log("worker").count("this copy is skipped") >= 1 + die_after_commit, what="copy skipped")
+    assert _effects_in_redis(stack, event_id) == 1
+    assert len(_published(stack, "once.redis.done")) == 1
+
+
+@pytest.mark.parametrize("die_after_commit", [False, True])
+def test_sql_effect_and_its_event_happen_once_even_if_the_process_dies_after_commit(
+    effects_table: Stack, die_after_commit: bool
+) -> None:
+    stack = effects_table
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    event_id = stack.bus().publish_sync("once.sql.requested", {"die_after_commit": die_after_commit})
+    row = stack.wait_query(
+        DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=event_id, h=f"{APP}.once_in_sql"
+    )[0]
+    assert stack.query("SELECT count(*) FROM test_effects WHERE event_id = :e", e=event_id)[0][0] == 1
+    assert stack.query("SELECT count(*) FROM delivery_inbox WHERE event_id = :e", e=event_id)[0][0] == 1
+    wait_for(lambda: len(_published(stack, "once.sql.done")) == 1, what="the event published inside")
+    if die_after_commit:
+        assert row.attempts == 2
+        assert stack.runs() == {f"{event_id}:once_in_sql": 2}  # ran again, and committed nothing new
+        assert "committed by an earlier copy" in stack.log("worker")
+    else:
+        assert stack.runs() == {f"{event_id}:once_in_sql": 1}
+    stack.settle()
+    assert len(_published(stack, "once.sql.done")) == 1
