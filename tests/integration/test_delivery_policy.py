@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+from project.messages import delivery_task_id
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
 
@@ -78,17 +79,33 @@ def test_handler_killing_its_process_counts_attempts_and_ends_dead(stack: Stack)
     assert stack.procs["worker"].poll() is None
 
 
+def _unacked(stack: Stack) -> dict[str, str]:
+    """kombu's unacknowledged messages: delivery tag -> task id."""
+    raw = stack.redis.hgetall(f"{stack.prefix}:celery:unacked")
+    return {tag.decode(): json.loads(payload)[0]["headers"]["id"] for tag, payload in raw.items()}
+
+
 def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(stack: Stack) -> None:
     stack.env.update({"BROKER_VISIBILITY_TIMEOUT_S": "2", "BROKER_RESTORE_INTERVAL_S": "1"})
     stack.start_worker(queues="gamma", concurrency=2)
     stack.start_router()
     event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 8})
+    task_id = delivery_task_id(event_id, f"{APP}.long_runner")
+    original = wait_for(lambda: [t for t, i in _unacked(stack).items() if i == task_id], what="the task running")
+    wait_for(lambda: "another copy holds the lease" in stack.log("worker"), timeout_s=20, what="a restored copy")
+    # kombu restored the message with its delivery tag unchanged, so acknowledging either
+    # copy removes the other's unacknowledged entry. The deferred copy is a new message with
+    # a tag of its own: it is what keeps the delivery safe if the original's worker dies now.
+    deferred = wait_for(
+        lambda: [t for t, i in _unacked(stack).items() if i == task_id and t not in original],
+        what="the deferred copy, unacknowledged under a new tag",
+    )
+    assert deferred and deferred[0] not in original
     _delivery(stack, event_id, "long_runner", "succeeded", timeout_s=60)
-    # kombu restored the unacknowledged message while the handler ran: the copy was deferred.
-    assert "another copy holds the lease" in stack.log("worker")
     assert int(stack.redis.get(f"{stack.prefix}:test:max-running") or 0) == 1
-    stack.settle()
     wait_for(lambda: "this copy is skipped" in stack.log("worker"), timeout_s=30, what="the late copy skipped")
+    wait_for(lambda: not _unacked(stack), timeout_s=30, what="nothing left unacknowledged")
+    assert stack.queue_length("gamma") == 0
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
