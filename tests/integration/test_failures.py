@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import psycopg2
 import pytest
 
+from project.records import event_record
 from tests.conftest import wait_for
 from tests.integration.conftest import PG_DSN, Stack, _pg_admin
 
@@ -109,7 +111,13 @@ def test_record_postgresql_refuses_is_set_aside_and_the_rest_are_written(stack: 
     stack.start_router()
     bus = stack.bus()
     before = [bus.publish_sync("user.birth_data.updated", user_id=f"u{i}") for i in range(5)]
-    poison = bus.publish_sync("user.note.added", {"text": "nul \u0000 inside"})  # JSONB refuses \u0000
+    # publish and the router refuse a NUL now; a record that carries one anyway (an older
+    # producer, a hand-made record) goes straight into the log buffer.
+    poison = str(uuid.uuid4())
+    envelope = {"event_id": poison, "event_type": "user.note.added", "user_id": None, "module": None,
+                "data": {"text": "nul \u0000 inside"}, "timestamp": "2026-01-01T00:00:00+00:00",
+                "causation_id": None, "correlation_id": None, "hops": 0}  # fmt: skip
+    stack.redis.xadd(bus.keys.log_buffer, {"r": event_record(json.dumps(envelope), [])})  # JSONB refuses \u0000
     after = bus.publish_sync("user.birth_data.updated", user_id="later")
     rows = stack.wait_query("SELECT event_id::text FROM events_log", until=lambda r: len(r) == 6)
     assert {r.event_id for r in rows} == {*before, after}
