@@ -1,12 +1,18 @@
 """The router: reads the event stream through a consumer group and dispatches Celery tasks.
 
 For each batch it validates every entry, matches it against all subscriptions, builds one
-Celery message per match and then runs one Lua script that, per entry and atomically:
-checks the entry is still pending for this consumer, LPUSHes its messages onto the Celery
-queues, appends its record to the log buffer (or the entry to the dead-letter stream) and
-XACKs it. So an entry is dispatched once even when routers crash (its messages were either
-all sent and the entry acknowledged, or neither) or when two routers race for an entry
-(the one that no longer owns it sends nothing).
+Celery message per match and then runs a Lua script that, per entry and atomically:
+checks the entry is still pending for this consumer, drops it if its event_id was already
+published as another entry, LPUSHes its messages onto the Celery queues, appends its record
+to the log buffer (or the entry to the dead-letter stream) and XACKs it. So an entry is
+dispatched once even when routers crash (its messages were either all sent and the entry
+acknowledged, or neither) or when two routers race for an entry (the one that no longer
+owns it sends nothing).
+
+A batch is cut into script calls of at most ``ROUTER_BATCH_MAX_BYTES``; an entry Redis keeps
+refusing is dead-lettered on its own rather than holding up the ones after it. Every
+``ROUTER_TRIM_INTERVAL_S`` the stream is trimmed up to the oldest entry a consumer group
+still needs.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -27,6 +33,7 @@ from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
 from project.keys import ROUTER_GROUP, Keys
 from project.messages import build_task_message, delivery_task_id
+from project.records import event_record
 from project.registry import Registry
 from project.settings import Settings
 
@@ -37,36 +44,147 @@ log = logging.getLogger("eventbus.router")
 _DEAD_LETTER_MAXLEN = 100_000
 _RAW_KEEP_BYTES = 8 * 1024
 _DEPARTED_IDLE_MS = 24 * 3600 * 1000
+# A script call failing this many times in a row is retried one entry at a time.
+_MAX_CALL_FAILURES = 3
+_SHED_LOG_INTERVAL_S = 10.0
+# Redis errors that say nothing about the entries (memory, failover, scripts, ACLs, or a
+# key of ours holding the wrong type): the batch waits for them to pass, never dead-lettered.
+_ENVIRONMENTAL_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.NoScriptError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+_ENVIRONMENTAL_CODES = ("OOM", "READONLY", "BUSY", "NOREPLICAS", "MISCONF", "EVENTBUS-KEYTYPE")
+_ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 
-# KEYS: stream, log buffer, dead-letter, then the Celery queue lists.
-# ARGV: group, consumer, dead-letter maxlen, then per entry:
-#   id, kind ('d' dispatch | 'x' dead-letter), a, b, n, then n pairs (KEYS index, message)
-#   for 'd': a = log record; for 'x': a = reason, b = raw entry (truncated).
+# KEYS: stream, log buffer, dead-letter, log-shed counters, then the Celery queue lists
+#   (ARGV[7] of them), then the dedup keys of the entries' event_ids.
+# ARGV: group, consumer, dead-letter maxlen, log buffer bound, shed ('1' | '0'), dedup
+#   window (s), number of queue keys, then per entry:
+#   id, kind ('d' dispatch | 'x' dead-letter), a, b, dedup KEYS index (0: none), n, then n
+#   pairs (KEYS index, message); for 'd': a = log record; for 'x': a = reason, b = raw entry.
+# Returns {entries handled, skipped, duplicates, records shed, tasks sent, dead-lettered,
+#   {"<key> (<type>)", ...} of queue keys that are not lists}.
 _DISPATCH_LUA = """
-local stream, logbuf, dlq = KEYS[1], KEYS[2], KEYS[3]
+local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
-local i, done, skipped = 4, 0, 0
+local log_max, shed, window, nq = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
+-- Every check comes before the first write: a Redis script is not rolled back when a
+-- command fails, so a WRONGTYPE halfway through an entry would leave some of its tasks sent.
+for k, want in pairs({[2] = 'stream', [3] = 'stream', [4] = 'hash'}) do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= want and t ~= 'none' then
+    return redis.error_reply('EVENTBUS-KEYTYPE ' .. KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want)
+  end
+end
+local bad, badlist = {}, {}
+for k = 5, 4 + nq do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'list' and t ~= 'none' then
+    bad[k] = t
+    badlist[#badlist + 1] = KEYS[k] .. ' (' .. t .. ')'
+  end
+end
+local loglen = redis.call('XLEN', logbuf)
+local done, skipped, dups, shed_n, sent, dead = 0, 0, 0, 0, 0, 0
+local i = 8
 while i <= #ARGV do
-  local id, kind, a, b, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
-  i = i + 5
-  local mine = redis.call('XPENDING', stream, group, id, id, 1, consumer)
-  if #mine == 1 then
-    for j = 0, n - 1 do
-      redis.call('LPUSH', KEYS[tonumber(ARGV[i + 2 * j])], ARGV[i + 2 * j + 1])
-    end
-    if kind == 'x' then
-      redis.call('XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*', 'id', id, 'reason', a, 'raw', b)
+  local id, kind, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local pub, n = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local m = i + 6
+  i = m + 2 * n
+  if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then
+    skipped = skipped + 1
+  else
+    local prev = false
+    if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
+    if prev and prev ~= id then
+      dups = dups + 1  -- this event_id was published as another entry: already dispatched
     else
-      redis.call('XADD', logbuf, '*', 'r', a)
+      if kind == 'd' then
+        for j = 0, n - 1 do
+          local q = tonumber(ARGV[m + 2 * j])
+          if bad[q] then
+            kind, a = 'x', 'Celery queue key ' .. KEYS[q] .. ' holds a ' .. bad[q] .. ', not a list'
+            local e = redis.call('XRANGE', stream, id, id)[1]
+            local raw = {}
+            if e then
+              for f = 1, #e[2], 2 do raw[e[2][f]] = string.sub(e[2][f + 1], 1, 8192) end
+            end
+            b = cjson.encode(raw)
+            break
+          end
+        end
+      end
+      if kind == 'x' then
+        redis.call('XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*', 'id', id, 'reason', a, 'raw', b)
+        dead = dead + 1
+      else
+        for j = 0, n - 1 do
+          redis.call('LPUSH', KEYS[tonumber(ARGV[m + 2 * j])], ARGV[m + 2 * j + 1])
+        end
+        sent = sent + n
+        if shed and loglen >= log_max then
+          redis.call('HINCRBY', shed_key, 'e', 1)
+          shed_n = shed_n + 1
+        else
+          redis.call('XADD', logbuf, '*', 'r', a)
+          loglen = loglen + 1
+        end
+        if pub > 0 and not prev then redis.call('SET', KEYS[pub], id, 'EX', window) end
+      end
     end
     redis.call('XACK', stream, group, id)
     done = done + 1
-  else
-    skipped = skipped + 1
   end
-  i = i + 2 * n
 end
-return {done, skipped}
+return {done, skipped, dups, shed_n, sent, dead, badlist}
+"""
+
+# Trims the stream up to the oldest entry some consumer group still needs: its oldest
+# pending entry, or else the one after the last it read. One script, so a group created
+# (or an entry read) meanwhile cannot slip between computing the bound and trimming.
+# Stream ids are compared as decimal strings: their parts can exceed a Lua number's 2^53.
+# KEYS: stream. ARGV: the router group. Returns the number of entries trimmed.
+_TRIM_LUA = """
+local stream, router = KEYS[1], ARGV[1]
+if redis.call('EXISTS', stream) == 0 then return 0 end
+local function parts(id) return string.match(id, '^(%d+)-(%d+)$') end
+local function num_less(x, y)
+  if #x ~= #y then return #x < #y end
+  return x < y
+end
+local function less(x, y)
+  local xm, xs = parts(x)
+  local ym, ys = parts(y)
+  if xm ~= ym then return num_less(xm, ym) end
+  return num_less(xs, ys)
+end
+local function incr(s)
+  local k = #s
+  while k > 0 and string.sub(s, k, k) == '9' do k = k - 1 end
+  if k == 0 then return '1' .. string.rep('0', #s) end
+  return string.sub(s, 1, k - 1) .. string.char(string.byte(s, k) + 1) .. string.rep('0', #s - k)
+end
+local low, seen_router = nil, false
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for f = 1, #g, 2 do info[g[f]] = g[f + 1] end
+  if info['name'] == router then seen_router = true end
+  local need
+  if tonumber(info['pending']) > 0 then
+    need = redis.call('XPENDING', stream, info['name'])[2]
+  else
+    local ms, seq = parts(info['last-delivered-id'])
+    need = ms .. '-' .. incr(seq)
+  end
+  if low == nil or less(need, low) then low = need end
+end
+if not seen_router then return 0 end  -- the routers have not read anything yet
+return redis.call('XTRIM', stream, 'MINID', low)
 """
 
 
@@ -78,7 +196,27 @@ class RouterStats:
     dispatched_tasks: int = 0
     dead_lettered: int = 0
     skipped: int = 0
+    duplicates: int = 0
+    shed: int = 0
+    trimmed: int = 0
     errors: int = 0
+
+
+@dataclass(slots=True)
+class _Item:
+    """One stream entry, ready for the dispatch script."""
+
+    eid: str
+    kind: str  # 'd' dispatch | 'x' dead-letter
+    a: str  # the log record, or the reason
+    b: str  # the raw entry, for a dead letter
+    event_id: str | None
+    messages: list[tuple[str, str]] = field(default_factory=list)
+    fields: Any = None
+
+    def size(self) -> int:
+        strings = [self.eid, self.a, self.b, *(m for _, m in self.messages)]
+        return sum(_nbytes(s) + _ARG_OVERHEAD for s in strings) + 4 * _ARG_OVERHEAD * (1 + len(self.messages))
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
@@ -88,6 +226,21 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def _pack(items: Sequence[_Item], max_bytes: int) -> Iterator[list[_Item]]:
+    """Cut ``items`` into runs of at most ``max_bytes`` (an item larger than that goes alone)."""
+    run: list[_Item] = []
+    size = 0
+    for item in items:
+        n = item.size()
+        if run and size + n > max_bytes:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += n
+    if run:
+        yield run
 
 
 class Router:
@@ -108,8 +261,13 @@ class Router:
         self.client = client or redis.Redis.from_url(settings.redis_url)
         self.stats = RouterStats()
         self._script = self.client.register_script(_DISPATCH_LUA)
+        self._trim_script = self.client.register_script(_TRIM_LUA)
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0
+        self._next_trim_at = 0.0
+        self._call_failures = 0
+        self._shed_unlogged = 0
+        self._next_shed_log_at = 0.0
 
     def run(self, stop: threading.Event) -> None:
         """Dispatch until ``stop`` is set. Survives Redis outages and any bad entry."""
@@ -123,8 +281,12 @@ class Router:
                         n = self._read_and_dispatch("0", block_ms=None)
                         read_pending = n > 0
                         continue
-                    if time.monotonic() >= self._next_claim_at:
+                    now = time.monotonic()
+                    if now >= self._next_claim_at:
                         self._claim_abandoned()
+                    if now >= self._next_trim_at:
+                        self.trim()
+                        self._next_trim_at = now + self.settings.router_trim_interval_s
                     self._read_and_dispatch(">", block_ms=self.settings.router_block_ms)
                     backoff_s = 0.1
                 return
@@ -136,6 +298,12 @@ class Router:
             read_pending = True
             stop.wait(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
+
+    def trim(self) -> int:
+        """Trim the stream up to the oldest entry any consumer group still needs; return how many went."""
+        trimmed = int(self._trim_script(keys=[self.keys.stream], args=[ROUTER_GROUP]))
+        self.stats.trimmed += trimmed
+        return trimmed
 
     def _read_and_dispatch(self, start: str, block_ms: int | None) -> int:
         reply: Any = self.client.xreadgroup(
@@ -189,41 +357,118 @@ class Router:
 
     def dispatch(self, entries: Sequence[tuple[Any, Any]]) -> None:
         """Send the tasks of ``entries`` (read by this consumer) and acknowledge them."""
-        keys = self.keys
-        queue_index: dict[str, int] = {}
-        script_keys: list[str] = [keys.stream, keys.log_buffer, keys.dead_letter]
-        argv: list[Any] = [ROUTER_GROUP, self.consumer, _DEAD_LETTER_MAXLEN]
-        for entry_id, fields in entries:
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-            try:
-                record, messages = self._prepare(eid, fields)
-            except MalformedEnvelope as exc:
-                argv += [eid, "x", str(exc)[:2000], _raw(fields), 0]
-                self.stats.dead_lettered += 1
-                log.warning("router: entry %s dead-lettered: %s", eid, exc)
-                continue
-            except Exception as exc:  # a bug must not stop the router: set the entry aside
-                argv += [eid, "x", f"internal error: {exc!r}"[:2000], _raw(fields), 0]
-                self.stats.dead_lettered += 1
-                log.exception("router: entry %s dead-lettered by an internal error", eid)
-                continue
-            argv += [eid, "d", record, "", len(messages)]
-            for queue, message in messages:
-                index = queue_index.get(queue)
-                if index is None:
-                    script_keys.append(keys.celery_queue(queue))
-                    index = queue_index[queue] = len(script_keys)
-                argv += [index, message]
-            self.stats.dispatched_tasks += len(messages)
-        if len(argv) == 3:
-            return
-        done, skipped = self._script(keys=script_keys, args=argv)
-        self.stats.entries += int(done)
-        if skipped:
-            self.stats.skipped += int(skipped)
-            log.info("router: %d entries were taken over by another router; not sent here", skipped)
+        items = [self._item(_text(entry_id), fields) for entry_id, fields in entries]
+        for run in _pack(items, self.settings.router_batch_max_bytes):
+            self._send(run)
 
-    def _prepare(self, eid: str, fields: Any) -> tuple[str, list[tuple[str, str]]]:
+    def _item(self, eid: str, fields: Any) -> _Item:
+        try:
+            return self._prepare(eid, fields)
+        except MalformedEnvelope as exc:
+            log.warning("router: entry %s dead-lettered: %s", eid, exc)
+            return _Item(eid, "x", str(exc)[:2000], _raw(fields), None, fields=fields)
+        except Exception as exc:  # a bug must not stop the router: set the entry aside
+            log.exception("router: entry %s dead-lettered by an internal error", eid)
+            return _Item(eid, "x", f"internal error: {exc!r}"[:2000], _raw(fields), None, fields=fields)
+
+    def _send(self, items: list[_Item]) -> None:
+        """Run the script on ``items``; after repeated failures, one entry at a time."""
+        try:
+            self._call(items)
+        except redis.ResponseError as exc:
+            if _environmental(exc):
+                log.error("router: Redis refused the dispatch of %d entries: %s", len(items), exc)
+                raise
+            self._call_failures += 1
+            if self._call_failures < _MAX_CALL_FAILURES:
+                raise  # the entries stay pending and are read again after a backoff
+            log.error(
+                "router: the dispatch of %d entries failed %d times in a row (%s); sending them one at a time",
+                len(items),
+                self._call_failures,
+                exc,
+            )
+            self._one_at_a_time(items)
+        self._call_failures = 0
+
+    def _one_at_a_time(self, items: list[_Item]) -> None:
+        # Entries already handled (before the failing one) are no longer pending for us, so
+        # the script skips them: nothing is sent twice.
+        for item in items:
+            try:
+                self._call([item])
+            except redis.ResponseError as exc:
+                if _environmental(exc):
+                    raise
+                reason = f"Redis refused its dispatch: {exc}"[:2000]
+                log.error("router: entry %s dead-lettered: %s", item.eid, reason)
+                self._call([_Item(item.eid, "x", reason, _raw(item.fields), None, fields=item.fields)])
+
+    def _call(self, items: list[_Item]) -> None:
+        s, keys = self.settings, self.keys
+        queue_keys: dict[str, int] = {}
+        for item in items:
+            for queue, _ in item.messages:
+                queue_keys.setdefault(queue, len(queue_keys) + 5)
+        script_keys = [keys.stream, keys.log_buffer, keys.dead_letter, keys.log_shed]
+        script_keys += [keys.celery_queue(q) for q in queue_keys]
+        argv: list[Any] = [
+            ROUTER_GROUP,
+            self.consumer,
+            _DEAD_LETTER_MAXLEN,
+            s.log_buffer_max_records,
+            "1" if s.log_buffer_full_policy == "shed" else "0",
+            s.events_dedup_window_s,
+            len(queue_keys),
+        ]
+        for item in items:
+            pub = 0
+            if item.event_id is not None:
+                script_keys.append(keys.published(item.event_id))
+                pub = len(script_keys)
+            argv += [item.eid, item.kind, item.a, item.b, pub, len(item.messages)]
+            for queue, message in item.messages:
+                argv += [queue_keys[queue], message]
+        reply: Any = self._script(keys=script_keys, args=argv)
+        done, skipped, dups, shed, sent, dead, badlist = reply
+        st = self.stats
+        st.entries += int(done)
+        st.dispatched_tasks += int(sent)
+        st.dead_lettered += int(dead)
+        if skipped:
+            st.skipped += int(skipped)
+            log.info("router: %d entries were taken over by another router; not sent here", skipped)
+        if dups:
+            st.duplicates += int(dups)
+            log.info("router: %d entries repeat an event already published; acknowledged, not sent", dups)
+        if badlist:
+            log.error(
+                "router: entries dead-lettered because Celery queue keys are not lists: %s",
+                ", ".join(_text(b) for b in badlist),
+            )
+        if shed:
+            self._report_shed(int(shed))
+
+    def _report_shed(self, count: int) -> None:
+        self.stats.shed += count
+        self._shed_unlogged += count
+        now = time.monotonic()
+        if now < self._next_shed_log_at:
+            return
+        log.error(
+            "router: the log buffer %s is full (LOG_BUFFER_MAX_RECORDS=%d): %d event records were not "
+            "buffered (%d since this router started); the events were dispatched, but are missing from "
+            "PostgreSQL; counted in %s",
+            self.keys.log_buffer,
+            self.settings.log_buffer_max_records,
+            self._shed_unlogged,
+            self.stats.shed,
+            self.keys.log_shed,
+        )
+        self._shed_unlogged = 0
+        self._next_shed_log_at = now + _SHED_LOG_INTERVAL_S
+
+    def _prepare(self, eid: str, fields: Any) -> _Item:
         if not fields:  # a pending entry whose data was trimmed away
             raise MalformedEnvelope("entry was trimmed from the stream")
         if set(fields) != {b"e"}:
@@ -234,17 +479,16 @@ class Router:
         except UnicodeDecodeError:
             raise MalformedEnvelope("entry is not UTF-8") from None
         envelope = decode_envelope(text, self.settings.events_max_data_bytes)
-        deliveries: list[list[str]] = []
+        deliveries: list[tuple[str, str]] = []
         messages: list[tuple[str, str]] = []
         for sub in self.registry.match(envelope.event_type):
-            task_id = delivery_task_id(envelope.event_id, sub.name)
-            deliveries.append([sub.name, sub.queue, task_id])
+            deliveries.append((sub.name, sub.queue))
             messages.append(
                 (
                     sub.queue,
                     build_task_message(
                         task_name=sub.name,
-                        task_id=task_id,
+                        task_id=delivery_task_id(envelope.event_id, sub.name),
                         queue=sub.queue,
                         envelope_json=text,
                         event_type=envelope.event_type,
@@ -252,10 +496,16 @@ class Router:
                     ),
                 )
             )
-        record = (
-            f'{{"k":"e","at":{time.time():.6f},"d":{json.dumps(deliveries, separators=(",", ":"))},"event":{text}}}'
-        )
-        return record, messages
+        record = event_record(text, deliveries)
+        return _Item(eid, "d", record, "", envelope.event_id, messages, fields)
+
+
+def _environmental(exc: redis.ResponseError) -> bool:
+    return isinstance(exc, _ENVIRONMENTAL_ERRORS) or str(exc).startswith(_ENVIRONMENTAL_CODES)
+
+
+def _nbytes(s: str) -> int:
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,319 @@
+"""The router at Redis' limits: wrong key types, huge batches, repeated entries, trimming, a full log buffer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import redis
+
+from project.keys import ROUTER_GROUP, Keys
+from project.registry import Registry, Subscription
+from project.router import Router, ensure_group
+from project.settings import Settings
+from tests.conftest import wait_for
+from tests.integration.conftest import PG_DSN, Stack, _pg_admin
+
+
+def _envelope(event_type: str = "bulk.item.made", **overrides: object) -> dict[str, Any]:
+    envelope: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "user_id": 42,
+        "data": {"item_id": 1},
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "module": "shop",
+        "causation_id": None,
+        "correlation_id": None,
+        "hops": 0,
+    }
+    envelope.update(overrides)
+    return envelope
+
+
+def _add(client: redis.Redis, keys: Keys, envelope: dict[str, Any]) -> str:
+    """Append ``envelope`` to the stream as publish would, without the bus; return the entry id."""
+    return str(client.xadd(keys.stream, {"e": json.dumps(envelope)}).decode())
+
+
+def _task_ids(client: redis.Redis, keys: Keys, queue: str) -> list[str]:
+    return [json.loads(m)["headers"]["id"] for m in client.lrange(keys.celery_queue(queue), 0, -1)]
+
+
+def _pending(client: redis.Redis, keys: Keys) -> int:
+    return int(client.xpending(keys.stream, ROUTER_GROUP)["pending"])
+
+
+def test_a_celery_queue_key_of_the_wrong_type_dead_letters_only_the_entries_sent_there(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    client.set(keys.celery_queue("gamma"), "x")  # bulk.item.made goes to beta and gamma
+    bulk = [_envelope("bulk.item.made") for _ in range(3)]
+    birth = [_envelope("user.birth_data.updated") for _ in range(3)]
+    entries = {}
+    for b, u in zip(bulk, birth, strict=True):
+        entries[_add(client, keys, b)] = b
+        _add(client, keys, u)
+    stack.start_router()
+
+    wait_for(lambda: stack.queue_length("alpha") == 3, what="the events for alpha")
+    wait_for(lambda: client.xlen(keys.dead_letter) == 3, what="three dead letters")
+    wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+    assert stack.queue_length("beta") == 0  # nothing half-sent: beta's copy was never pushed
+    for _, fields in client.xrange(keys.dead_letter):
+        assert fields[b"id"].decode() in entries
+        assert fields[b"reason"].decode() == f"Celery queue key {keys.celery_queue('gamma')} holds a string, not a list"
+        raw = json.loads(json.loads(fields[b"raw"])["e"])
+        assert raw == entries[fields[b"id"].decode()]
+    assert "not lists" in stack.log("router")
+
+    client.delete(keys.celery_queue("gamma"))  # fixed: later entries go through
+    _add(client, keys, _envelope("bulk.item.made"))
+    wait_for(lambda: stack.queue_length("gamma") == 1 and stack.queue_length("beta") == 1, what="a later event")
+    assert stack.procs["router"].poll() is None
+
+
+def test_an_entry_redis_keeps_refusing_is_dead_lettered_alone_and_the_others_are_sent_once(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    before = [_envelope("user.birth_data.updated") for _ in range(5)]
+    poison = _envelope("user.birth_data.updated")
+    after = [_envelope("user.birth_data.updated") for _ in range(5)]
+    # Its dedup key holds a hash: the script's GET fails with WRONGTYPE on every try.
+    client.hset(keys.published(poison["event_id"]), "x", "1")
+    for env in before:
+        _add(client, keys, env)
+    poison_entry = _add(client, keys, poison)
+    for env in after:
+        _add(client, keys, env)
+    stack.start_router()
+
+    wait_for(lambda: client.xlen(keys.dead_letter) == 1, what="the poison entry dead-lettered")
+    wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+    ids = _task_ids(client, keys, "alpha")
+    assert len(ids) == 10 and len(set(ids)) == 10  # before and after, each sent exactly once
+    [(_, letter)] = client.xrange(keys.dead_letter)
+    assert letter[b"id"].decode() == poison_entry
+    assert "WRONGTYPE" in letter[b"reason"].decode()
+    assert "one at a time" in stack.log("router")
+
+    later = _envelope("user.birth_data.updated")
+    _add(client, keys, later)
+    wait_for(lambda: stack.queue_length("alpha") == 11, what="a later event")
+    assert stack.procs["router"].poll() is None
+
+
+def test_the_same_event_added_twice_to_the_stream_is_dispatched_once(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    env = _envelope("bulk.item.made")  # two handlers: on_bulk (beta), on_bulk_item (gamma)
+    first = _add(client, keys, env)
+    _add(client, keys, env)
+    stack.start_router()
+    wait_for(lambda: stack.queue_length("beta") == 1, what="the event dispatched")
+    wait_for(lambda: _pending(client, keys) == 0, what="both entries acknowledged")
+    wait_for(lambda: "repeat an event already published" in stack.log("router"), what="the duplicate noticed")
+    assert stack.queue_length("beta") == 1
+    assert stack.queue_length("gamma") == 1
+    assert client.get(keys.published(env["event_id"])) == first.encode()
+    assert 0 < client.ttl(keys.published(env["event_id"])) <= stack.settings.events_dedup_window_s
+
+    _add(client, keys, env)  # and again, after it was dispatched
+    other = _envelope("bulk.item.made")
+    _add(client, keys, other)
+    wait_for(lambda: stack.queue_length("beta") == 2, what="the next event")
+    wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+    assert stack.queue_length("gamma") == 2
+    stack.settle()
+    logged = stack.query("SELECT event_id::text FROM events_log")
+    assert sorted(r.event_id for r in logged) == sorted([env["event_id"], other["event_id"]])
+
+
+# -- a batch over Redis' query buffer limit ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A private Redis that disconnects a client using over 2 MB (the shared one is never reconfigured)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--maxmemory-clients", "2mb"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: _pings(client), what="the private redis-server")
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _registry(*queues: str) -> Registry:
+    registry = Registry()
+    for q in queues:
+        registry.add(Subscription(name=f"tests.limits.on_{q}", patterns=("bulk.#",), handler=lambda e: None, queue=q,
+                                  module=None, max_retries=0, backoff_s=1.0, backoff_max_s=1.0))  # fmt: skip
+    return registry
+
+
+def test_a_batch_larger_than_a_redis_client_may_use_is_split(small_redis: redis.Redis) -> None:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{small_redis.connection_pool.connection_kwargs['port']}/0",
+        events_prefix="big",
+        router_batch_size=200,
+        router_batch_max_bytes=256 * 1024,
+        router_block_ms=50,
+    )
+    keys = Keys(settings.events_prefix)
+    # ~5 KB of data sent to two queues: ~19 KB of script arguments per entry with its record
+    # and two messages, ~3.8 MB for a batch of 200 in one call: Redis would evict the router's
+    # connection for it (maxmemory-clients), again and again.
+    blob = "x" * 5_000
+    ids = [_add(small_redis, keys, _envelope("bulk.item.made", data={"blob": blob, "i": i})) for i in range(200)]
+    router = Router(settings, _registry("alpha", "beta"), consumer="big", client=small_redis)
+    stop = threading.Event()
+    thread = threading.Thread(target=router.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: router.stats.entries == len(ids), timeout_s=60, what="every entry dispatched")
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert small_redis.llen(keys.celery_queue("alpha")) == 200
+    assert small_redis.llen(keys.celery_queue("beta")) == 200
+    assert small_redis.xlen(keys.log_buffer) == 200
+    assert router.stats.errors == 0
+    assert int(small_redis.info("stats")["evicted_clients"]) == 0
+
+
+# -- trimming ----------------------------------------------------------------------------------
+
+
+def test_routers_trim_only_what_every_group_no_longer_needs(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    stack.start_router(ROUTER_TRIM_INTERVAL_S="0.1")
+    for _ in range(20):
+        _add(client, keys, _envelope())
+    wait_for(lambda: stack.queue_length("beta") == 20, what="20 events dispatched")
+    wait_for(lambda: client.xlen(keys.stream) == 0, what="the dispatched entries trimmed")
+
+    # Another group, made by someone else, reading from here on: its unread entries stay.
+    client.xgroup_create(keys.stream, "audit", id="$")
+    added = [_add(client, keys, _envelope()) for _ in range(30)]
+    wait_for(lambda: stack.queue_length("beta") == 50, what="30 more dispatched")
+    client.xreadgroup("audit", "a1", {keys.stream: ">"}, count=10)
+    client.xack(keys.stream, "audit", *added[:10])
+    wait_for(lambda: client.xlen(keys.stream) == 20, what="what audit acknowledged trimmed")
+    assert [e[0].decode() for e in client.xrange(keys.stream)] == added[10:]
+
+    # In process from here, to call trim() at known moments.
+    router = Router(stack.settings, Registry(), consumer="trimmer", client=client)
+    client.xreadgroup("audit", "a1", {keys.stream: ">"}, count=5)  # read, not acknowledged
+    assert router.trim() == 0
+    client.xack(keys.stream, "audit", *added[10:15])
+    assert router.trim() == 5
+
+    # Entries no router read are never trimmed, however many there are.
+    stack.stop("router")
+    unread = [_add(client, keys, _envelope()) for _ in range(300)]
+    client.xreadgroup("audit", "a1", {keys.stream: ">"}, count=10_000)
+    client.xack(keys.stream, "audit", *added[15:], *unread)
+    assert router.trim() == 15  # up to the routers' last delivered entry, not one more
+    assert [e[0].decode() for e in client.xrange(keys.stream)] == unread
+
+    # Read by a router, not acknowledged: kept too.
+    client.xreadgroup(ROUTER_GROUP, "holder", {keys.stream: ">"}, count=10)
+    assert router.trim() == 0
+    client.xack(keys.stream, ROUTER_GROUP, *unread[:10])
+    assert router.trim() == 10
+    assert client.xlen(keys.stream) == 290
+
+
+def test_nothing_is_trimmed_before_the_router_group_exists(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    router = Router(stack.settings, Registry(), consumer="trimmer", client=client)
+    assert router.trim() == 0  # no stream at all
+    for _ in range(5):
+        _add(client, keys, _envelope())
+    assert router.trim() == 0  # no group at all
+    client.xgroup_create(keys.stream, "audit", id="$")
+    assert router.trim() == 0  # a group that needs none of them, but the routers have not read them
+    assert client.xlen(keys.stream) == 5
+    ensure_group(client, keys.stream, ROUTER_GROUP)
+    assert router.trim() == 0  # created reading from the start: they are all still needed
+    assert client.xlen(keys.stream) == 5
+
+
+# -- the log buffer at its limit ---------------------------------------------------------------
+
+
+def test_a_full_log_buffer_sheds_event_records_but_dispatch_goes_on(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    limit, events = 40, 150
+    _pg_admin(f"ALTER DATABASE {stack.database} WITH ALLOW_CONNECTIONS false")
+    _pg_admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{stack.database}'")
+    try:
+        stack.start_router(LOG_BUFFER_MAX_RECORDS=str(limit), ROUTER_BATCH_SIZE="25")
+        ids = [_add(client, keys, _envelope("bulk.item.made")) for _ in range(events)]
+        wait_for(lambda: stack.queue_length("beta") == events, what="every event dispatched")
+        wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+        assert stack.queue_length("gamma") == events
+        assert client.xlen(keys.log_buffer) == limit  # never over the bound
+        assert int(client.hget(keys.log_shed, "e") or 0) == events - limit
+        wait_for(lambda: "event records were not buffered" in stack.log("router"), what="the router's error")
+        assert "ERROR eventbus.router: router: the log buffer" in stack.log("router")
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(PG_DSN.rsplit("/", 1)[0] + f"/{stack.database}").close()
+
+        stack.start_worker(queues="beta,gamma")  # and the handlers run
+        runs = stack.wait_runs(2 * events)
+        assert len(runs) == 2 * events and set(runs.values()) == {1}
+        assert len(ids) == events
+    finally:
+        _pg_admin(f"ALTER DATABASE {stack.database} WITH ALLOW_CONNECTIONS true")
+    # What was buffered reaches PostgreSQL; what was shed is counted, not silently lost.
+    stack.wait_query("SELECT count(*) FROM events_log", until=lambda r: r[0][0] == limit)
+    assert int(client.hget(keys.log_shed, "e") or 0) + limit == events
+
+
+def test_log_buffer_bytes_per_event(stack: Stack) -> None:
+    """Measure what the router's record of one event costs the log buffer (README, "Reliability")."""
+    client, keys = stack.redis, stack.bus().keys
+    events = 2000
+    stack.start_router("router", "--no-log-writer")
+    pipe = client.pipeline(transaction=False)
+    for i in range(events):
+        env = _envelope("bulk.item.made", user_id=100_000 + i, data={"item_id": i, "sku": f"SKU-{i:06d}"})
+        pipe.xadd(keys.stream, {"e": json.dumps(env, separators=(",", ":"))})
+    pipe.execute()
+    wait_for(lambda: client.xlen(keys.log_buffer) == events, timeout_s=60, what="every event recorded")
+    used = int(client.memory_usage(keys.log_buffer, samples=0) or 0)
+    record = client.xrange(keys.log_buffer, count=1)[0][1][b"r"]
+    per_event = used / events
+    print(f"\nlog buffer: {per_event:.0f} bytes per event (router record, 2 handlers; record text {len(record)} B)")
+    assert 100 < per_event < 800
