@@ -9,19 +9,35 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
-from tasks.cosmic import FeedError, announce_full_moon, detect_solar_storm, fetch_kp_feed
+from project.bus import EventBus
+from project.errors import PublishRefused
+from project.settings import Settings
+from tasks.cosmic import (
+    STORM_DETECTED,
+    STORM_ENDED,
+    FeedError,
+    announce_full_moon,
+    detect_solar_storm,
+    fetch_kp_feed,
+    full_moon_event_id,
+    parse_kp_feed,
+    storm_event_id,
+)
 from tasks.memory import ActiveMemory
 from tasks.tables import birth_data, users
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
+from tests.integration.redis_server import redis_server
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 APP_QUEUES = "solar,memory,synthesis,cosmic"
@@ -176,18 +192,26 @@ def test_solar_storm_is_published_once_per_storm_and_bad_feeds_publish_nothing(a
     assert poll() is None  # quiet
     feed.serve("kp_storm.json")
     first = poll()
-    assert first is not None
+    assert first == storm_event_id(STORM_DETECTED, "2024-05-10T12:00:00+00:00")  # from the storm's start
     assert poll() is None and poll() is None  # the same storm, polled again
-    feed.serve("kp_quiet.json")
-    assert poll() is None  # the storm is over
+    feed.serve("kp_storm_over.json")
+    ended = poll()  # the first reading below Kp 5 ends it
+    assert ended == storm_event_id(STORM_ENDED, "2024-05-10T12:00:00+00:00")
+    assert poll() is None
     feed.serve("kp_storm_objects.json")
     second = poll()
-    assert second is not None and second != first
+    assert second is not None and second not in (first, ended)
 
-    events = _stream_events(app_stack, "cosmic.solar_storm.detected")
+    events = _stream_events(app_stack, STORM_DETECTED)
     assert [(e["event_id"], e["data"]["severity"], e["data"]["kp_index"]) for e in events] == [  # type: ignore[index]
         (first, "G4", 8.33), (second, "G5", 9.0)
     ]  # fmt: skip
+    [end] = _stream_events(app_stack, STORM_ENDED)
+    assert end["event_id"] == ended
+    assert {k: v for k, v in end["data"].items() if k != "timestamp"} == {  # type: ignore[union-attr]
+        "peak_severity": "G4", "peak_kp_index": 8.67,  # at 21:00, between two polls' latest readings
+        "started_at": "2024-05-10T12:00:00+00:00", "ended_at": "2024-05-11T03:00:00+00:00", "duration_s": 15 * 3600,
+    }  # fmt: skip
 
     feed.serve("kp_malformed.json")
     with pytest.raises(FeedError, match="not JSON"):
@@ -201,7 +225,142 @@ def test_solar_storm_is_published_once_per_storm_and_bad_feeds_publish_nothing(a
         fetch_kp_feed(feed.url, timeout_s=0.5)
     with pytest.raises(FeedError, match="cannot fetch"):
         fetch_kp_feed("http://127.0.0.1:9/nothing-listens-here", timeout_s=1)
-    assert len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 2
+    assert len(_stream_events(app_stack, STORM_DETECTED)) == 2
+
+
+def test_a_cosmic_event_whose_publish_failed_is_published_by_the_next_check_once(tmp_path: Path) -> None:
+    # A real refusal: a Redis ACL user that may do all but XADD, so publish fails before
+    # storing anything (its script stops at XADD) while the checks' own keys still work.
+    with redis_server(tmp_path) as url:
+        admin = redis.Redis.from_url(url)
+        port = admin.connection_pool.connection_kwargs["port"]
+        admin.acl_setuser("cosmic", enabled=True, passwords=["+pw"], keys=["~*"], channels=["*"],
+                          commands=["+@all", "-xadd"])  # fmt: skip
+        bus = EventBus(Settings(redis_url=f"redis://cosmic:pw@127.0.0.1:{port}/0", events_prefix="cosmic-test"))
+
+        def allow_publish(allowed: bool) -> None:
+            admin.acl_setuser("cosmic", commands=["+xadd" if allowed else "-xadd"])
+
+        def events(event_type: str) -> list[str]:
+            entries = admin.xrange(bus.keys.stream) if admin.exists(bus.keys.stream) else []
+            found = [json.loads(fields[b"e"]) for _, fields in entries]
+            return [e["event_id"] for e in found if e["event_type"] == event_type]
+
+        storm = parse_kp_feed((DATA / "kp_storm.json").read_bytes())
+        with pytest.raises(PublishRefused):
+            detect_solar_storm(bus, storm)
+        with pytest.raises(PublishRefused):
+            detect_solar_storm(bus, storm)  # still refused: still owed
+        allow_publish(True)
+        detected = storm_event_id(STORM_DETECTED, "2024-05-10T12:00:00+00:00")
+        assert detect_solar_storm(bus, storm) == detected
+        assert detect_solar_storm(bus, storm) is None
+        assert events(STORM_DETECTED) == [detected]
+
+        # Its end, the same way.
+        over = parse_kp_feed((DATA / "kp_storm_over.json").read_bytes())
+        allow_publish(False)
+        with pytest.raises(PublishRefused):
+            detect_solar_storm(bus, over)
+        allow_publish(True)
+        ended = storm_event_id(STORM_ENDED, "2024-05-10T12:00:00+00:00")
+        assert detect_solar_storm(bus, over) == ended
+        assert detect_solar_storm(bus, over) is None
+        assert events(STORM_ENDED) == [ended]
+
+        # The full moon, the same way; and a check that died between its publish and its
+        # guard publishes the same event_id again, which is stored once.
+        after = datetime(2024, 1, 25, 20, 0, tzinfo=UTC)
+        allow_publish(False)
+        with pytest.raises(PublishRefused):
+            announce_full_moon(bus, after)
+        allow_publish(True)
+        moon = announce_full_moon(bus, after)
+        assert moon in {full_moon_event_id("2024-01-25T17:53+00:00"), full_moon_event_id("2024-01-25T17:54+00:00")}
+        assert announce_full_moon(bus, after) is None
+        for guard in admin.scan_iter(match=f"{bus.keys.prefix}:cosmic:full_moon:*"):
+            admin.delete(guard)
+        assert announce_full_moon(bus, after) == moon
+        assert events("cosmic.full_moon") == [moon]
+        bus.close()
+        admin.close()
+
+
+def _cosmic_latest(stack: Stack) -> dict[str, dict[str, object]]:
+    raw = stack.redis.hgetall(stack.bus().keys.cosmic_latest)
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def test_a_storm_s_end_clears_it_from_the_conditions_and_later_syntheses(app_stack: Stack, feed: Feed) -> None:
+    [user] = _add_users(app_stack, 1)
+    app_stack.start_worker(queues="synthesis,memory", concurrency=2)
+    app_stack.start_router()
+    bus = app_stack.bus()
+
+    def poll() -> str | None:
+        return detect_solar_storm(bus, fetch_kp_feed(feed.url, timeout_s=2))
+
+    def synthesis_after(event_id: str) -> dict[str, object]:
+        sql = "SELECT synthesis, trigger_event_id::text AS trig FROM syntheses WHERE user_id = :u"
+        rows = app_stack.wait_query(sql, until=lambda r: r and r[0].trig == event_id, u=user)
+        return dict(rows[0].synthesis)
+
+    feed.serve("kp_storm.json")
+    detected = poll()
+    assert detected is not None
+    assert "geomagnetic storm G4 (Kp 8.33)" in str(synthesis_after(detected)["summary"])
+    assert _cosmic_latest(app_stack)[STORM_DETECTED]["severity"] == "G4"
+
+    feed.serve("kp_storm_over.json")
+    ended = poll()
+    assert ended is not None
+    synthesis = synthesis_after(ended)
+    assert "storm" not in str(synthesis["summary"])
+    assert STORM_DETECTED not in synthesis["cosmic"]  # type: ignore[operator]
+    latest = _cosmic_latest(app_stack)
+    assert STORM_DETECTED not in latest
+    assert latest[STORM_ENDED]["peak_severity"] == "G4"
+
+    # A late copy of the storm's start (handlers run in parallel and retry) does not bring it back.
+    [start] = [e for e in _stream_events(app_stack, STORM_DETECTED) if e["event_id"] == detected]
+    late = bus.publish_sync(STORM_DETECTED, start["data"], module="cosmic")  # type: ignore[arg-type]
+    app_stack.wait_query(
+        "SELECT status FROM event_deliveries WHERE event_id = :e AND handler LIKE '%on_cosmic'",
+        until=lambda r: r and r[0].status == "succeeded", e=late,
+    )  # fmt: skip
+    assert STORM_DETECTED not in _cosmic_latest(app_stack)
+    assert "storm" not in str(synthesis_after(late)["summary"])
+
+
+def test_a_fan_out_sent_twice_synthesizes_each_user_once(app_stack: Stack) -> None:
+    app_stack.env["SYNTHESIS_CHUNK_SIZE"] = "10"
+    active = _add_users(app_stack, 25)
+    event_id = str(uuid.uuid4())
+    cause = {"event_id": event_id, "event_type": "cosmic.full_moon", "user_id": None, "data": {"at": "2026-11-24"},
+             "timestamp": datetime.now(UTC).isoformat(), "module": "cosmic", "causation_id": None,
+             "correlation_id": event_id, "hops": 0}  # fmt: skip
+    script = "import json, sys; from tasks.synthesis import fan_out; print(fan_out(json.loads(sys.argv[1])))"
+    for _ in range(2):  # the handler that fans out, retried: both copies of every chunk are queued
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(cause)],
+            cwd=ROOT, env={**os.environ, **app_stack.env}, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0 and out.stdout.strip() == "3", out.stdout + out.stderr
+    assert app_stack.queue_length("synthesis") == 6
+
+    app_stack.start_worker(queues="synthesis", concurrency=2)
+
+    def results() -> list[int]:
+        lines = app_stack.log("worker").splitlines()
+        return sorted(int(line.rsplit(":", 1)[1]) for line in lines
+                      if "tasks.synthesis.synthesize_chunk[" in line and " succeeded in " in line)  # fmt: skip
+
+    wait_for(lambda: len(results()) == 6, what="both copies of the 3 chunks")
+    assert results() == [0, 0, 0, 5, 10, 10]  # each chunk ran once; its second copy was skipped
+    completed = [e for e in _stream_events(app_stack, "synthesis.completed") if e["causation_id"] == event_id]
+    assert sorted(int(e["user_id"]) for e in completed) == active  # type: ignore[call-overload]
+    rows = app_stack.query("SELECT user_id FROM syntheses WHERE trigger_event_id = :e", e=event_id)
+    assert sorted(r.user_id for r in rows) == active
 
 
 def test_full_moon_is_announced_once(app_stack: Stack) -> None:
@@ -237,7 +396,7 @@ def test_two_beats_fire_each_check_once_per_interval_and_the_standby_takes_over(
     assert "standing by" in app_stack.log(standby)
 
     feed.serve("kp_storm.json")
-    wait_for(lambda: len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 1, what="the storm event")
+    wait_for(lambda: len(_stream_events(app_stack, STORM_DETECTED)) == 1, what="the storm event")
     assert "solar storm check skipped" in app_stack.log("worker")  # the garbage feed was logged
 
     app_stack.procs[leader].send_signal(signal.SIGKILL)
@@ -246,4 +405,4 @@ def test_two_beats_fire_each_check_once_per_interval_and_the_standby_takes_over(
     assert app_stack.procs["worker"].poll() is None
     hits_before = feed.hits
     wait_for(lambda: feed.hits >= hits_before + 2, what="polls to go on")
-    assert len(_stream_events(app_stack, "cosmic.solar_storm.detected")) == 1  # still one event for the storm
+    assert len(_stream_events(app_stack, STORM_DETECTED)) == 1  # still one event for the storm

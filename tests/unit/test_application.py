@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tasks.cosmic import FeedError, parse_kp_feed, storm_severity
+from tasks.cosmic import (
+    STORM_DETECTED,
+    STORM_ENDED,
+    FeedError,
+    full_moon_event_id,
+    parse_kp_feed,
+    storm_event_id,
+    storm_severity,
+)
 from tasks.solar import solar_profile
+from tasks.synthesis import chunk_task_id
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -45,17 +55,38 @@ def test_kp_maps_to_noaa_g_scale(kp: float, severity: str | None) -> None:
 
 
 def test_feed_in_both_formats_parses_oldest_first() -> None:
+    # Time tags in one spelling (UTC ISO-8601) whatever the format: they sort, compare and
+    # name a storm's event_id alike.
     table = parse_kp_feed((DATA / "kp_storm.json").read_bytes())
-    assert table[0] == ("2024-05-10 09:00:00.000", 4.0)
-    assert table[-1] == ("2024-05-11 00:00:00.000", 8.33)
+    assert table[0] == ("2024-05-10T09:00:00+00:00", 4.0)
+    assert table[-1] == ("2024-05-11T00:00:00+00:00", 8.33)
     objects = parse_kp_feed((DATA / "kp_storm_objects.json").read_bytes())
-    assert objects[-1] == ("2024-05-11T03:00:00", 9.0)
+    assert objects[-1] == ("2024-05-11T03:00:00+00:00", 9.0)
+
+
+def test_cosmic_event_ids_are_fixed_by_what_they_announce() -> None:
+    start = "2024-05-10T12:00:00+00:00"
+    assert storm_event_id(STORM_DETECTED, start) == storm_event_id(STORM_DETECTED, start)
+    ids = {
+        storm_event_id(STORM_DETECTED, start),
+        storm_event_id(STORM_ENDED, start),
+        storm_event_id(STORM_DETECTED, "2024-05-11T00:00:00+00:00"),
+        full_moon_event_id("2024-01-25T17:54+00:00"),
+    }
+    assert len(ids) == 4
+    assert all(uuid.UUID(i).version == 5 for i in ids)
+
+
+def test_chunk_task_ids_are_fixed_by_event_and_index() -> None:
+    assert chunk_task_id("e1", 0) == chunk_task_id("e1", 0)
+    assert len({chunk_task_id("e1", 0), chunk_task_id("e1", 1), chunk_task_id("e2", 0)}) == 3
 
 
 @pytest.mark.parametrize(
     "payload",
     [b"", b"<html>502 Bad Gateway</html>", b"[]", b"{}", b'[["time_tag"], ["x"]]', b'[{"Kp": 3}]',
-     b'[["time_tag", "Kp"], ["t", "42"]]', (DATA / "kp_malformed.json").read_bytes()],
+     b'[["time_tag", "Kp"], ["t", "42"]]', b'[["time_tag", "Kp"], ["yesterday", "3"]]',
+     (DATA / "kp_malformed.json").read_bytes()],
 )  # fmt: skip
 def test_garbage_feed_is_a_feed_error(payload: bytes) -> None:
     with pytest.raises(FeedError):
