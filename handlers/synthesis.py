@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
+from project.delivery import Event
 from project.modules import BaseModule
 from tasks import synthesis
+from tasks.db import engine
 
 
 class SynthesisEngineModule(BaseModule):
@@ -20,15 +19,24 @@ class SynthesisEngineModule(BaseModule):
         # '#', not '*': cosmic.solar_storm.detected has three segments.
         self.subscribe("cosmic.#", self.on_cosmic)
 
-    def on_profile(self, event: dict[str, Any]) -> None:
+    def on_profile(self, event: Event) -> None:
         """One user's profile changed: synthesize that user."""
-        synthesis.synthesize_users([int(event["user_id"])], event)
+        self._synthesize_user(event)
 
-    def on_cosmic(self, event: dict[str, Any]) -> None:
+    def on_cosmic(self, event: Event) -> None:
         """Remember the conditions; synthesize the user, or every active user in chunks."""
-        client = self.bus.sync_client()
-        client.hset(self.bus.keys.cosmic_latest, event["event_type"], json.dumps(event["data"]))
+        # Idempotent, so outside the exactly-once block: a rerun folds the same event again.
+        synthesis.fold_cosmic(event["event_type"], event["data"])
         if event["user_id"] is not None:
-            synthesis.synthesize_users([int(event["user_id"])], event)
+            self._synthesize_user(event)
         else:
+            # The chunk tasks are not deliveries: each skips itself once done (tasks.synthesis).
             synthesis.fan_out(event)
+
+    @staticmethod
+    def _synthesize_user(event: Event) -> None:
+        # The row and the delivery's "handled" record commit together; synthesis.completed
+        # is sent right after the commit, so its handlers find the row.
+        with event.transaction(engine()) as conn:
+            done = synthesis.synthesize_users(conn, [int(event["user_id"])], event)
+            synthesis.publish_completed(done, event)
