@@ -34,7 +34,7 @@ from celery.exceptions import Ignore, Reject
 from project.bus import EventBus
 from project.context import handling
 from project.errors import DeliveryExhausted
-from project.inbox import AlreadyHandled, Event
+from project.event import AlreadyHandled, Delivery, Event
 from project.lease import keeper, new_token
 from project.registry import Subscription
 
@@ -169,7 +169,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         sub, task_id = self.subscription, self.request.id
         try:
             with handling(event, sub.module, delivery_id=task_id):
-                result = sub.handler(Event(event, self.bus, task_id, self.name))
+                result = sub.handler(Event(event, Delivery(self.bus, task_id, self.name)))
                 if inspect.isawaitable(result):
                     _run_coroutine(result)
         except AlreadyHandled:
