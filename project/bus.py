@@ -18,7 +18,7 @@ from project.envelope import encode_envelope
 from project.errors import InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys
 from project.patterns import validate_pattern
-from project.registry import Registry, Subscription
+from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -69,8 +69,14 @@ class EventBus:
     (and one per event loop for :meth:`publish`).
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, shared: bool = False) -> None:
+        """Make a bus (``settings`` default to the process-wide ones).
+
+        ``shared`` marks the process-wide bus (``project.events.event_bus``): subscriptions
+        made with its decorator also reach every other bus that loads their modules.
+        """
         self._settings = settings
+        self._shared = shared
         self.registry = Registry()
         self.modules: dict[type[BaseModule], BaseModule] = {}
         self._sync_client: redis.Redis | None = None
@@ -328,10 +334,25 @@ class EventBus:
 
             def decorator(func: F) -> F:
                 add(func)
+                if not self._shared:
+                    return func
+                options = (
+                    ("queue", queue), ("max_retries", max_retries), ("backoff_s", backoff_s),
+                    ("backoff_max_s", backoff_max_s), ("time_limit_s", time_limit_s),
+                    ("soft_time_limit_s", soft_time_limit_s), ("name", name),
+                )  # fmt: skip
+                declare(Declaration(patterns, func, options))
                 return func
 
             return decorator
         return add(handler)
+
+    def apply_declarations(self, paths: Sequence[str]) -> None:
+        """Add the decorator subscriptions made under ``paths`` that this bus does not have yet."""
+        present = {id(sub.handler) for sub in self.registry}
+        for d in declarations(list(paths)):
+            if id(d.handler) not in present:
+                self._add(d.patterns, d.handler, **dict(d.options))
 
     def _add(
         self,

@@ -6,4 +6,4 @@ from project.bus import EventBus
 
 __all__ = ["event_bus"]
 
-event_bus = EventBus()
+event_bus = EventBus(shared=True)

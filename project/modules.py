@@ -104,6 +104,8 @@ def load_modules(bus: EventBus, paths: Sequence[str]) -> list[BaseModule]:
     """
     for path in paths:
         _import_tree(path)
+    # Decorators ran when their modules were first imported, perhaps for another bus.
+    bus.apply_declarations(paths)
     for cls in _subclasses(BaseModule):
         if cls.abstract or cls in bus.modules:
             continue

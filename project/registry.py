@@ -6,18 +6,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 from project.errors import DuplicateHandler
 from project.patterns import PatternTrie
 
-__all__ = ["Handler", "Registry", "Subscription"]
-
-
-class Handler(Protocol):
-    """A subscriber: called with the envelope dict; may be ``async def``."""
-
-    def __call__(self, event: dict[str, Any], /) -> Any: ...
+__all__ = ["Declaration", "Registry", "Subscription", "declarations", "declare"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +69,35 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._by_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """A subscription made by decorator, as written: applied to every bus that loads its module.
+
+    A decorator runs once, when its module is first imported, and registers on the bus it
+    names; a bus made later (a test's, a tool's) that loads the same handler modules gets the
+    subscription from here, with its own settings.
+    """
+
+    patterns: tuple[str, ...]
+    handler: Callable[..., Any] = field(compare=False)
+    options: tuple[tuple[str, Any], ...]
+
+    @property
+    def module(self) -> str:
+        """The module the handler is defined in."""
+        return str(getattr(self.handler, "__module__", ""))
+
+
+_declarations: list[Declaration] = []
+
+
+def declare(declaration: Declaration) -> None:
+    """Remember a decorator subscription for every bus (process-wide, in import order)."""
+    _declarations.append(declaration)
+
+
+def declarations(paths: tuple[str, ...] | list[str]) -> list[Declaration]:
+    """The decorator subscriptions made in the modules under ``paths``."""
+    return [d for d in _declarations if any(d.module == p or d.module.startswith(p + ".") for p in paths)]
