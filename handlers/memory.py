@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from project.delivery import Event
 from project.events import event_bus
 from project.modules import BaseModule
 from tasks.memory import ActiveMemory
@@ -22,16 +21,22 @@ class ActiveWorkingMemoryModule(BaseModule):
         await super().initialize()
         self.subscribe("user.birth_data.updated", self.invalidate_user)
 
-    def invalidate_user(self, event: dict[str, Any]) -> None:
+    def invalidate_user(self, event: Event) -> None:
         """Drop the cache of the user the event concerns."""
         if event["user_id"] is not None:
-            _memory().invalidate_user(str(event["user_id"]))
+            with event.redis_transaction() as pipe:
+                _memory().invalidate_user(str(event["user_id"]), pipe)
 
 
 @event_bus.subscribe("cosmic.#", queue="memory")
-def invalidate_everyone(event: dict[str, Any]) -> None:
-    """A global cosmic event changes every user's context: one O(1) generation bump."""
-    if event["user_id"] is None:
-        _memory().invalidate_all()
-    else:
-        _memory().invalidate_user(str(event["user_id"]))
+def invalidate_everyone(event: Event) -> None:
+    """A global cosmic event changes every user's context: one O(1) generation bump.
+
+    Once per event, with the delivery's done mark in the same MULTI/EXEC: a redelivered copy
+    does not bump the generation a second time.
+    """
+    with event.redis_transaction() as pipe:
+        if event["user_id"] is None:
+            _memory().invalidate_all(pipe)
+        else:
+            _memory().invalidate_user(str(event["user_id"]), pipe)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from project.delivery import Event
 from project.modules import BaseModule
 from tasks import solar
 from tasks.db import engine
@@ -16,14 +15,16 @@ class SolarModule(BaseModule):
         await super().initialize()
         self.subscribe("user.birth_data.updated", self.recalculate)
 
-    def recalculate(self, event: dict[str, Any]) -> None:
-        """Recompute and store the profile, then announce it."""
+    def recalculate(self, event: Event) -> None:
+        """Recompute and store the profile, then announce it, both once per delivery."""
         user_id = int(event["user_id"])
-        with engine().begin() as conn:
+        # The profile and the delivery's "handled" record commit together; the announcement
+        # is sent right after the commit, so a rerun after a crash neither redoes nor loses it.
+        with event.transaction(engine()) as conn:
             profile = solar.recalculate(conn, user_id, event["event_id"])
-        if profile is not None:
-            self.publish_sync(
-                "module.profile.calculated",
-                {"module": self.name, "sun_sign": profile["sun_sign"]},
-                user_id=user_id,
-            )
+            if profile is not None:
+                self.publish_sync(
+                    "module.profile.calculated",
+                    {"module": self.name, "sun_sign": profile["sun_sign"]},
+                    user_id=user_id,
+                )

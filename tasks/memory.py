@@ -41,10 +41,12 @@ class ActiveMemory:
         pipe.expire(key, self.ttl_s)
         pipe.execute()
 
-    def invalidate_user(self, user_id: str) -> None:
-        """Forget what is cached for one user."""
-        self.client.delete(self.keys.memory_user(self.generation(), user_id))
+    def invalidate_user(self, user_id: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget what is cached for one user; queued on ``pipe`` (a MULTI) when given."""
+        # The generation is read now, outside any MULTI: if it moves on before the DEL runs,
+        # the key deleted is already stale, which is just as good.
+        (pipe if pipe is not None else self.client).delete(self.keys.memory_user(self.generation(), user_id))
 
-    def invalidate_all(self) -> int:
-        """Forget what is cached for every user, in O(1); return the new generation."""
-        return int(self.client.incr(self.keys.memory_generation))
+    def invalidate_all(self, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget what is cached for every user, in O(1); queued on ``pipe`` (a MULTI) when given."""
+        (pipe if pipe is not None else self.client).incr(self.keys.memory_generation)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from project.bus import EventBus
 from project.errors import PublishRefused
+from project.messages import delivery_task_id
 from project.settings import Settings
 from tasks.cosmic import (
     STORM_DETECTED,
@@ -135,6 +136,40 @@ def test_demo_runs_the_chain_to_synthesis_and_every_delivery_succeeds(app_stack:
     synthesis = app_stack.query("SELECT synthesis FROM syntheses")[0].synthesis
     assert synthesis["modules"]["solar"] == profile
     assert synthesis["summary"].startswith("Sun in Cancer")
+
+
+def test_a_solar_delivery_run_again_after_its_commit_writes_and_publishes_nothing_new(app_stack: Stack) -> None:
+    [user] = _add_users(app_stack, 1)
+    app_stack.start_worker(queues="solar", concurrency=1)
+    app_stack.start_router()
+    bus = app_stack.bus()
+    event_id = bus.publish_sync("user.birth_data.updated", {"user_id": user})
+    sql = "SELECT computed_at FROM module_profiles WHERE user_id = :u"
+    [first] = app_stack.wait_query(sql, until=lambda r: len(r) == 1, u=user)
+    wait_for(lambda: len(_stream_events(app_stack, "module.profile.calculated")) == 1, what="the announcement")
+    handler = "handlers.solar.SolarModule.recalculate"
+    app_stack.wait_query(
+        "SELECT status FROM event_deliveries WHERE event_id = :e AND handler = :h",
+        until=lambda r: r and r[0].status == "succeeded", e=event_id, h=handler,
+    )  # fmt: skip
+
+    # As when a worker dies between the handler's commit and the delivery's done mark: the
+    # mark is gone and the same task comes again.
+    task_id = delivery_task_id(event_id, handler)
+    app_stack.redis.delete(bus.keys.delivery(task_id), bus.keys.lease(task_id))
+    [envelope] = [e for e in _stream_events(app_stack, "user.birth_data.updated") if e["event_id"] == event_id]
+    script = (
+        "import json, sys; from project.celery_app import app; "
+        "app.send_task(sys.argv[1], args=[json.loads(sys.argv[2])], task_id=sys.argv[3], queue='solar')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, handler, json.dumps(envelope), task_id],
+        cwd=ROOT, env={**os.environ, **app_stack.env}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: "'status': 'duplicate'" in app_stack.log("worker"), what="the second copy to find its inbox row")
+    assert [r.computed_at for r in app_stack.query(sql, u=user)] == [first.computed_at]
+    assert len(_stream_events(app_stack, "module.profile.calculated")) == 1
 
 
 def test_working_memory_is_invalidated_per_user_and_globally_in_one_step(app_stack: Stack) -> None:
