@@ -148,5 +148,5 @@ def test_task_arriving_again_after_success_is_skipped(stack: Stack) -> None:
     send()
     wait_for(lambda: stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}, what="first run")
     send()
-    wait_for(lambda: "'duplicate'" in stack.log("worker"), what="the copy to be skipped")
+    wait_for(lambda: "this copy is skipped" in stack.log("worker"), what="the copy to be skipped")
     assert stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}
