@@ -234,3 +234,17 @@ def test_make_run_makes_a_random_flower_password_once_and_never_overrides_the_en
     own = run_services(FLOWER_PASSWORD="set-by-the-operator")
     assert "FLOWER_PASSWORD" not in services.read_env(path)  # the file would override it
     assert "from the environment" in own.stderr
+
+
+def test_flower_refuses_to_start_behind_the_default_password(stack: Stack) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_PASSWORD"}
+    env.update({**stack.env, "FLOWER_PORT": str(_free_port())})
+    for password in (None, "change-me"):
+        if password is not None:
+            env["FLOWER_PASSWORD"] = password
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "project.celery_app", "flower"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode != 0
+        assert "set FLOWER_PASSWORD" in out.stdout + out.stderr
