@@ -1,0 +1,123 @@
+"""Real processes for the end-to-end benchmarks: a Celery worker, a router, and waiting on them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from bench.harness import PREFIX, ROOT
+from project.events import event_bus
+
+__all__ = [
+    "DONE_KEY",
+    "LATENCY_KEY",
+    "end_to_end",
+    "paced",
+    "processes",
+    "router_cmd",
+    "rss_kb",
+    "wait_until",
+    "warm_up",
+    "worker_cmd",
+]
+
+# Counted by every no-op handler and baseline task (bench.handlers, bench.tasks).
+DONE_KEY = f"{PREFIX}:bench:done"
+# Seconds from send to start, one per probe (bench.handlers.latency_probe, bench.tasks.probe).
+LATENCY_KEY = f"{PREFIX}:bench:latency"
+
+
+@contextmanager
+def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Run ``commands`` in the repository (logs in ``bench/.logs``); stop them on the way out."""
+    logs = ROOT / "bench" / ".logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    for i, cmd in enumerate(commands):
+        out = (logs / f"{PREFIX}-{i}.log").open("wb")
+        # The environment bench.harness fixed (prefix, database, handlers) is inherited.
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
+        out.close()  # the child has its own copy of the descriptor
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@contextmanager
+def end_to_end() -> Iterator[redis.Redis]:
+    """A worker (2 processes) and a router with its log writer, warm on both paths; yields a client.
+
+    Latency and throughput share one stack, measured one after the other, as they always were.
+    """
+    from bench.tasks import count
+
+    client = event_bus.sync_client()
+    with processes(worker_cmd(), router_cmd()):
+        warm_up(client, lambda: event_bus.publish_sync("bench.one.made"))
+        warm_up(client, lambda: count.apply_async(queue="bench"))
+        yield client
+
+
+def worker_cmd() -> list[str]:
+    """A Celery worker on the bench queue: two prefork processes, our handlers and the baseline tasks."""
+    return [sys.executable, "-m", "celery", "-A", "project.celery_app", "worker", "-Q", "bench", "-c", "2",
+            "-P", "prefork", "-I", "bench.tasks", "--without-gossip", "--without-mingle", "--loglevel", "WARNING",
+            "-n", f"bench-{PREFIX}@%h"]  # fmt: skip
+
+
+def router_cmd(log_writer: bool = True) -> list[str]:
+    """A router, with the log writer in the same process unless ``log_writer`` is False."""
+    return [sys.executable, "-m", "project.cli", "--log-level", "WARNING", "router",
+            *([] if log_writer else ["--no-log-writer"])]  # fmt: skip
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``condition`` until it holds; raise ``TimeoutError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not reached")
+        time.sleep(0.01)
+
+
+def warm_up(client: redis.Redis, send: Callable[[], object], count: int = 20) -> None:
+    """Send ``count`` counted tasks and wait until all ran: imports, connections and pools are warm."""
+    client.delete(DONE_KEY)
+    for _ in range(count):
+        send()
+    wait_until(lambda: int(client.get(DONE_KEY) or 0) >= count, 60)
+    client.delete(DONE_KEY)
+
+
+def paced(rate_per_s: float, duration_s: float, send: Callable[[], object]) -> int:
+    """Call ``send`` ``rate_per_s`` times a second for ``duration_s``; return how many were sent."""
+    interval, start, sent = 1.0 / rate_per_s, time.perf_counter(), 0
+    while (now := time.perf_counter() - start) < duration_s:
+        if now >= sent * interval:
+            send()
+            sent += 1
+        else:
+            time.sleep(min(interval / 4, sent * interval - now))
+    return sent
+
+
+def rss_kb(pid: int) -> int:
+    """The resident set size of process ``pid``, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
