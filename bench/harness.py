@@ -44,6 +44,7 @@ __all__ = [
     "ROOT",
     "Result",
     "create_database",
+    "create_group",
     "drop_database",
     "interleaved",
     "machine",
@@ -160,6 +161,15 @@ def wipe(client: redis.Redis) -> None:
     """Delete every key of this run's prefix (stream, queues, dedup keys, log buffer)."""
     for key in client.scan_iter(match=f"{PREFIX}:*", count=1000):
         client.delete(key)
+
+
+def create_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create consumer group ``group`` on ``stream`` (made if missing), reading from its start.
+
+    Done here rather than with the project's helper so the benchmark does not depend on
+    which module keeps it; the prefix is wiped first, so the group never exists already.
+    """
+    client.xgroup_create(stream, group, id="0", mkstream=True)
 
 
 def create_database() -> None:

@@ -9,12 +9,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.harness import Result, result, wipe
+from bench.harness import Result, create_group, result, wipe
 from project.eventlog import LogWriter
 from project.events import event_bus
 from project.keys import LOG_GROUP
 from project.records import event_record
-from project.router import ensure_group
 from project.settings import get_settings
 from project.tables import events_log
 
@@ -40,7 +39,7 @@ def bench_log_writer(n: int, baseline_n: int, rounds: int) -> list[Result]:
             pipe.xadd(buffer, {"r": event_record(envelope, [])})
         pipe.execute()
         writer = LogWriter(settings, engine=engine, client=client, consumer="bench")
-        ensure_group(client, buffer, LOG_GROUP)
+        create_group(client, buffer, LOG_GROUP)
         start = time.perf_counter()
         while writer.written < n:
             reply: Any = client.xreadgroup(LOG_GROUP, "bench", {buffer: ">"}, count=settings.log_batch_size)
