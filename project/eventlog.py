@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,10 +28,10 @@ import sqlalchemy as sa
 from psycopg2.extras import execute_values
 from sqlalchemy.engine import Engine
 
+from project.consumer import ConsumerConfig, GroupConsumer
 from project.keys import LOG_GROUP, Keys
 from project.messages import delivery_task_id
 from project.records import DeliveryRecord, EventRecord, decode_record
-from project.router import ensure_group
 from project.settings import Settings
 from project.tables import DELIVERY_STATUSES
 
@@ -227,57 +227,30 @@ class LogWriter:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.written = 0
         self.rejected = 0
-        self._next_shed_report_at = 0.0
 
     def run(self, stop: threading.Event) -> None:
         """Write batches until ``stop`` is set; wait out Redis and PostgreSQL outages."""
-        backoff_s = 0.2
-        read_pending = True
-        next_claim_at = 0.0
-        while not stop.is_set():
-            try:
-                ensure_group(self.client, self.keys.log_buffer, LOG_GROUP)
-                if time.monotonic() >= self._next_shed_report_at:
-                    self.report_shed()
-                if time.monotonic() >= next_claim_at:
-                    self.client.xautoclaim(
-                        self.keys.log_buffer,
-                        LOG_GROUP,
-                        self.consumer,
-                        self.settings.log_claim_idle_ms,
-                        count=self.settings.log_batch_size,
-                    )
-                    next_claim_at = time.monotonic() + self.settings.log_claim_idle_ms / 2000
-                    read_pending = True
-                reply: Any = self.client.xreadgroup(
-                    LOG_GROUP,
-                    self.consumer,
-                    {self.keys.log_buffer: "0" if read_pending else ">"},
-                    count=self.settings.log_batch_size,
-                    block=None if read_pending else self.settings.log_block_ms,
-                )
-                entries = reply[0][1] if reply else []
-                if read_pending and not entries:
-                    read_pending = False
-                    continue
-                if entries:
-                    self.write(entries)  # acknowledged on commit: nothing of ours stays pending
-                    if len(entries) < self.settings.log_batch_size:
-                        # Let a batch build up: one commit per linger instead of one per
-                        # handful of records is most of the writer's cost under load.
-                        stop.wait(self.settings.log_linger_ms / 1000)
-                backoff_s = 0.2
-                continue
-            except Exception as exc:
-                if _is_outage(exc):
-                    # Records stay pending in Redis and are written once the outage ends.
-                    first = (str(exc).splitlines() or [""])[0]
-                    log.warning("log writer: %s; retrying in %.1fs", first, backoff_s)
-                else:  # a bug must not end the process; the batch stays pending
-                    log.exception("log writer: unexpected error; retrying in %.1fs", backoff_s)
-            read_pending = True
-            stop.wait(backoff_s)
-            backoff_s = min(backoff_s * 2, self.settings.log_retry_max_s)
+        s = self.settings
+        GroupConsumer(
+            self.client,
+            ConsumerConfig(
+                what="log writer",
+                stream=self.keys.log_buffer,
+                group=LOG_GROUP,
+                consumer=self.consumer,
+                batch_size=s.log_batch_size,
+                block_ms=s.log_block_ms,
+                claim_idle_ms=s.log_claim_idle_ms,
+                backoff_start_s=0.2,
+                backoff_max_s=s.log_retry_max_s,
+                # One commit per linger instead of one per handful of records is most of the
+                # writer's cost under load.
+                linger_ms=s.log_linger_ms,
+                chores=((self.shed_report_interval_s, self.report_shed),),
+            ),
+            self.write,
+            is_outage=_is_outage,
+        ).run(stop)
 
     def report_shed(self) -> dict[str, int]:
         """Log an error if records were shed because the log buffer was full; return the counts.
@@ -285,7 +258,6 @@ class LogWriter:
         The counters are left as they are: they say how many records PostgreSQL is missing
         until someone resets them.
         """
-        self._next_shed_report_at = time.monotonic() + self.shed_report_interval_s
         raw: Any = self.client.hgetall(self.keys.log_shed)
         counts = {k.decode(): int(v) for k, v in raw.items()}
         if any(counts.values()):
@@ -301,7 +273,7 @@ class LogWriter:
             )
         return counts
 
-    def write(self, entries: list[tuple[Any, Any]]) -> None:
+    def write(self, entries: Sequence[tuple[Any, Any]]) -> None:
         """Write ``entries`` (stream id, fields), then remove them from Redis.
 
         One transaction normally. If PostgreSQL (or the driver) refuses the batch for any

@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 
+from project.consumer import ConsumerConfig, GroupConsumer
 from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
 from project.keys import ROUTER_GROUP, Keys
@@ -37,13 +38,12 @@ from project.records import event_record
 from project.registry import Registry
 from project.settings import Settings
 
-__all__ = ["Router", "RouterStats", "ensure_group"]
+__all__ = ["Router", "RouterStats"]
 
 log = logging.getLogger("eventbus.router")
 
 _DEAD_LETTER_MAXLEN = 100_000
 _RAW_KEEP_BYTES = 8 * 1024
-_DEPARTED_IDLE_MS = 24 * 3600 * 1000
 # A script call failing this many times in a row is retried one entry at a time.
 _MAX_CALL_FAILURES = 3
 _SHED_LOG_INTERVAL_S = 10.0
@@ -219,15 +219,6 @@ class _Item:
         return sum(_nbytes(s) + _ARG_OVERHEAD for s in strings) + 4 * _ARG_OVERHEAD * (1 + len(self.messages))
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` reading from its start (so nothing published earlier is missed)."""
-    try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
 def _pack(items: Sequence[_Item], max_bytes: int) -> Iterator[list[_Item]]:
     """Cut ``items`` into runs of at most ``max_bytes`` (an item larger than that goes alone)."""
     run: list[_Item] = []
@@ -262,98 +253,38 @@ class Router:
         self.stats = RouterStats()
         self._script = self.client.register_script(_DISPATCH_LUA)
         self._trim_script = self.client.register_script(_TRIM_LUA)
-        self._claim_cursor = "0-0"
-        self._next_claim_at = 0.0
-        self._next_trim_at = 0.0
         self._call_failures = 0
         self._shed_unlogged = 0
         self._next_shed_log_at = 0.0
 
+        self.loop = GroupConsumer(
+            self.client,
+            ConsumerConfig(
+                what="router",
+                stream=self.keys.stream,
+                group=ROUTER_GROUP,
+                consumer=self.consumer,
+                batch_size=settings.router_batch_size,
+                block_ms=settings.router_block_ms,
+                claim_idle_ms=settings.router_claim_idle_ms,
+                backoff_max_s=5.0,
+                chores=((settings.router_trim_interval_s, self.trim),),
+            ),
+            self.dispatch,
+        )
+
     def run(self, stop: threading.Event) -> None:
         """Dispatch until ``stop`` is set. Survives Redis outages and any bad entry."""
-        backoff_s = 0.1
-        read_pending = True  # first our own pending entries, from a previous life
-        while not stop.is_set():
-            try:
-                ensure_group(self.client, self.keys.stream, ROUTER_GROUP)
-                while not stop.is_set():
-                    if read_pending:
-                        n = self._read_and_dispatch("0", block_ms=None)
-                        read_pending = n > 0
-                        continue
-                    now = time.monotonic()
-                    if now >= self._next_claim_at:
-                        self._claim_abandoned()
-                    if now >= self._next_trim_at:
-                        self.trim()
-                        self._next_trim_at = now + self.settings.router_trim_interval_s
-                    self._read_and_dispatch(">", block_ms=self.settings.router_block_ms)
-                    backoff_s = 0.1
-                return
-            except redis.RedisError as exc:
-                log.warning("router: Redis error (%s); retrying in %.1fs", exc, backoff_s)
-            except Exception:  # a bug must not end the process; the batch stays pending
-                log.exception("router: unexpected error; retrying in %.1fs", backoff_s)
-            self.stats.errors += 1
-            read_pending = True
-            stop.wait(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)
+        try:
+            self.loop.run(stop)
+        finally:
+            self.stats.errors = self.loop.errors
 
     def trim(self) -> int:
         """Trim the stream up to the oldest entry any consumer group still needs; return how many went."""
         trimmed = int(self._trim_script(keys=[self.keys.stream], args=[ROUTER_GROUP]))
         self.stats.trimmed += trimmed
         return trimmed
-
-    def _read_and_dispatch(self, start: str, block_ms: int | None) -> int:
-        reply: Any = self.client.xreadgroup(
-            ROUTER_GROUP,
-            self.consumer,
-            {self.keys.stream: start},
-            count=self.settings.router_batch_size,
-            block=block_ms,
-        )
-        if not reply:
-            return 0
-        entries = reply[0][1]
-        self.dispatch(entries)
-        return len(entries)
-
-    def _claim_abandoned(self) -> None:
-        """Take over entries pending too long for a consumer presumed dead (XAUTOCLAIM)."""
-        s = self.settings
-        claimed: Any = self.client.xautoclaim(
-            self.keys.stream,
-            ROUTER_GROUP,
-            self.consumer,
-            s.router_claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=s.router_batch_size,
-        )
-        cursor, entries, *deleted = claimed
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        if deleted and deleted[0]:
-            log.error(
-                "router: %d pending entries were trimmed from the stream before dispatch: %s",
-                len(deleted[0]),
-                deleted[0][:10],
-            )
-        if entries:
-            log.info("router: took over %d entries abandoned by another router", len(entries))
-            self.dispatch(entries)
-        if self._claim_cursor == "0-0":
-            self._next_claim_at = time.monotonic() + s.router_claim_idle_ms / 2000
-            self._forget_departed()
-        # otherwise more to claim: come back on the next turn
-
-    def _forget_departed(self) -> None:
-        # Every router start adds a consumer (host-pid) to the group; one that owns nothing
-        # and has been silent for long is gone for good, and would only clutter XINFO.
-        consumers: Any = self.client.xinfo_consumers(self.keys.stream, ROUTER_GROUP)
-        for c in consumers:
-            name = _text(c["name"])
-            if name != self.consumer and not c["pending"] and c["idle"] > _DEPARTED_IDLE_MS:
-                self.client.xgroup_delconsumer(self.keys.stream, ROUTER_GROUP, name)
 
     def dispatch(self, entries: Sequence[tuple[Any, Any]]) -> None:
         """Send the tasks of ``entries`` (read by this consumer) and acknowledge them."""

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from project.consumer import ensure_group
 from project.eventlog import LogWriter
 from project.keys import LOG_GROUP
 from project.messages import delivery_task_id
 from project.records import delivery_record, event_record
-from project.router import ensure_group
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack, _db_url, _pg_admin
 

@@ -16,9 +16,10 @@ import psycopg2
 import pytest
 import redis
 
+from project.consumer import ensure_group
 from project.keys import ROUTER_GROUP, Keys
 from project.registry import Registry, Subscription
-from project.router import Router, ensure_group
+from project.router import Router
 from project.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.conftest import PG_DSN, Stack, _pg_admin
