@@ -25,6 +25,9 @@ __all__ = ["build_task_message", "delivery_task_id", "wrap_message"]
 _TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
 _EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
 _ORIGIN = f"eventbus-router@{socket.gethostname()}"
+# Celery sends its app's per-thread id here (only the rpc:// result backend reads it); one
+# per process keeps the field the shape Celery gives it.
+_REPLY_TO = str(uuid.uuid4())
 
 
 def delivery_task_id(event_id: str, handler: str) -> str:
@@ -79,7 +82,7 @@ def wrap_message(body: bytes, headers: dict[str, Any], *, queue: str, task_id: s
         "headers": headers,
         "properties": {
             "correlation_id": task_id,
-            "reply_to": "",
+            "reply_to": _REPLY_TO,
             "delivery_mode": 2,
             # The anonymous exchange routes by routing_key alone, also when kombu restores
             # an unacknowledged message, so no binding table entry is needed.

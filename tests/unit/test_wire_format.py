@@ -219,10 +219,6 @@ def test_kombu_reads_our_message_back_as_the_same_task(sent: Sent) -> None:
     assert sent.client.llen(queue_key) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="project/messages.py sends reply_to '' where Celery sends the sending app's oid (a UUID)",
-)
 def test_reply_to_has_the_shape_celery_gives_it(sent: Sent) -> None:
     ours, theirs = sent.ours["properties"]["reply_to"], sent.celery["properties"]["reply_to"]
     # Celery's is app.thread_oid, which differs per sending process and thread: compare shape.
