@@ -1,6 +1,14 @@
-"""Celery settings, all derived from the one settings object (``project.settings``)."""
+"""The application's Celery settings: the dispatcher's from ``project.settings``, its own tasks and schedule.
+
+This module belongs to the cosmic application, not to the dispatcher (``project.celery_app``
+loads it by name), so it may import ``tasks``; it does so only when the cosmic application
+is the one running. Another application, named by ``EVENT_HANDLER_MODULES``, gets none of
+the cosmic tasks nor their schedule unless ``APP_TASK_MODULES`` asks for them.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from project.keys import Keys
 from project.settings import get_settings
@@ -45,21 +53,42 @@ task_send_sent_event = False
 enable_utc = True
 timezone = "UTC"
 
-# The application's own tasks (the per-handler tasks are registered when a worker starts).
-imports = ("tasks.cosmic", "tasks.synthesis")
+# The cosmic application's task modules, imported by every worker and beat when it runs.
+_COSMIC_TASK_MODULES = ("tasks.cosmic", "tasks.synthesis")
 
-# Periodic cosmic checks. Only the beat holding the leader lock in Redis sends them.
+
+def _app_task_modules() -> tuple[str, ...]:
+    if _settings.app_task_modules is not None:
+        return tuple(_settings.app_task_modules)
+    # The cosmic application runs when its handler package is loaded; with only another
+    # application's handlers, importing tasks.* would load the cosmic application into it.
+    cosmic = any(m == "handlers" or m.startswith("handlers.") for m in _settings.event_handler_modules)
+    return _COSMIC_TASK_MODULES if cosmic else ()
+
+
+def _cosmic_schedule() -> dict[str, dict[str, Any]]:
+    from tasks.settings import get_app_settings
+
+    app_settings = get_app_settings()
+    return {
+        "check-solar-storms": {
+            "task": "tasks.cosmic.check_solar_storms",
+            "schedule": app_settings.storm_check_interval_s,
+            "options": {"queue": "cosmic", "expires": app_settings.storm_check_interval_s},
+        },
+        "check-full-moon": {
+            "task": "tasks.cosmic.check_full_moon",
+            "schedule": app_settings.full_moon_check_interval_s,
+            "options": {"queue": "cosmic", "expires": app_settings.full_moon_check_interval_s},
+        },
+    }
+
+
+# The application's own tasks (the per-handler tasks are registered when a worker starts).
+imports = _app_task_modules()
+
+# Only the beat holding the leader lock in Redis sends the periodic tasks.
 beat_scheduler = "project.beat:LeaderScheduler"
 beat_max_loop_interval = 5
-beat_schedule = {
-    "check-solar-storms": {
-        "task": "tasks.cosmic.check_solar_storms",
-        "schedule": _settings.storm_check_interval_s,
-        "options": {"queue": "cosmic", "expires": _settings.storm_check_interval_s},
-    },
-    "check-full-moon": {
-        "task": "tasks.cosmic.check_full_moon",
-        "schedule": _settings.full_moon_check_interval_s,
-        "options": {"queue": "cosmic", "expires": _settings.full_moon_check_interval_s},
-    },
-}
+# The cosmic checks, whenever their tasks are imported: never for another application.
+beat_schedule = _cosmic_schedule() if "tasks.cosmic" in imports else {}

@@ -5,11 +5,13 @@ from __future__ import annotations
 from project.delivery import Event
 from project.events import event_bus
 from project.modules import BaseModule
+from tasks.keys import app_keys
 from tasks.memory import ActiveMemory
+from tasks.settings import get_app_settings
 
 
 def _memory() -> ActiveMemory:
-    return ActiveMemory(event_bus.sync_client(), event_bus.keys)
+    return ActiveMemory(event_bus.sync_client(), app_keys(event_bus), get_app_settings().memory_ttl_s)
 
 
 class ActiveWorkingMemoryModule(BaseModule):

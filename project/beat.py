@@ -5,8 +5,8 @@ make each task deduplicate itself, only the beat that holds ``<prefix>:beat:lead
 the others tick idle and take over when the holder stops renewing (after
 ``BEAT_LOCK_TTL_S``). A lock in front of the stock in-memory scheduler was chosen over a
 Redis-backed schedule store because it needs no third-party scheduler and keeps beat's own
-due-time logic; the cosmic checks are also idempotent, so the one double run a takeover can
-cause is harmless.
+due-time logic. A takeover can run a periodic task twice (the old leader sent it just before
+its lock lapsed), so the application's periodic tasks must be idempotent.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Every Redis key, stream, channel and Celery queue name, built in one place under the prefix."""
+"""Every Redis key, stream, channel and Celery queue name of the dispatcher, built in one place under the prefix.
+
+An application builds its own keys under the same prefix (the cosmic one in ``tasks.keys``).
+"""
 
 from __future__ import annotations
 
@@ -91,29 +94,6 @@ class Keys:
         return f"{self.prefix}:log-shed"
 
     @property
-    def storm_state(self) -> str:
-        """The solar storm in progress, if any: one event per storm, not per poll."""
-        return f"{self.prefix}:cosmic:storm"
-
-    def full_moon(self, moon: str) -> str:
-        """Set once the full moon at ``moon`` (ISO date-time) has been announced."""
-        return f"{self.prefix}:cosmic:full_moon:{moon}"
-
-    @property
-    def cosmic_latest(self) -> str:
-        """The latest cosmic conditions, folded into every synthesis."""
-        return f"{self.prefix}:cosmic:latest"
-
-    @property
     def beat_lock(self) -> str:
         """Held by the one beat process that schedules."""
         return f"{self.prefix}:beat:leader"
-
-    @property
-    def memory_generation(self) -> str:
-        """Counter whose increment invalidates every user's working memory at once."""
-        return f"{self.prefix}:memory:generation"
-
-    def memory_user(self, generation: int, user_id: str) -> str:
-        """One user's working-memory hash, valid for one generation."""
-        return f"{self.prefix}:memory:{generation}:{user_id}"

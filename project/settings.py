@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Celery queue is named under it.
     events_prefix: str = Field("events", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     event_handler_modules: Annotated[list[str], NoDecode] = ["handlers"]
+    # Modules with the application's own Celery tasks (periodic checks, helper tasks; not its
+    # handlers, which EVENT_HANDLER_MODULES names): workers and beat import them. Unset,
+    # celeryconfig picks them from EVENT_HANDLER_MODULES; empty, there are none.
+    app_task_modules: Annotated[list[str] | None, NoDecode] = None
 
     events_max_data_bytes: int = Field(64 * 1024, gt=0)
     events_max_hops: int = Field(16, ge=0)
@@ -84,15 +88,8 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")
 
-    # The application: cosmic checks run by celery beat, synthesis fan-out, working memory.
-    noaa_kp_url: str = "https://services.swpc.noaa.gov/products/noaa-planetary-k-index.json"
-    noaa_timeout_s: float = Field(10.0, gt=0)
-    storm_check_interval_s: float = Field(900.0, gt=0)
-    full_moon_check_interval_s: float = Field(3600.0, gt=0)
-    # Only one beat process schedules; the others wait for its lock to lapse.
+    # Only one beat process schedules (project.beat); the others wait for its lock to lapse.
     beat_lock_ttl_s: float = Field(30.0, gt=0)
-    synthesis_chunk_size: int = Field(500, gt=0)
-    memory_ttl_s: int = Field(3600, gt=0)
 
     @model_validator(mode="after")
     def _done_outlasts_redelivery(self) -> Settings:
@@ -106,7 +103,7 @@ class Settings(BaseSettings):
             raise ValueError("DELIVERY_LEASE_S must be shorter than BROKER_VISIBILITY_TIMEOUT_S")
         return self
 
-    @field_validator("event_handler_modules", mode="before")
+    @field_validator("event_handler_modules", "app_task_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -24,6 +24,8 @@ from project.bus import EventBus
 from project.celery_app import app
 from project.errors import EventBusError
 from project.events import event_bus
+from tasks.keys import app_keys
+from tasks.settings import get_app_settings
 
 __all__ = [
     "FULL_MOON",
@@ -202,9 +204,9 @@ def detect_solar_storm(bus: EventBus, readings: list[tuple[str, float]]) -> str 
     Raises:
         redis.RedisError, EventBusError: Redis or publish failed; the next check resumes.
     """
-    client = bus.sync_client()
-    key = bus.keys.storm_state
-    lock = client.lock(f"{key}:check", timeout=_CHECK_LOCK_S, blocking=False)
+    client, keys = bus.sync_client(), app_keys(bus)
+    key = keys.storm_state
+    lock = client.lock(keys.storm_check_lock, timeout=_CHECK_LOCK_S, blocking=False)
     if not lock.acquire():
         log.info("solar storm check skipped: another check is running")
         return None
@@ -263,7 +265,7 @@ def announce_full_moon(bus: EventBus, now: datetime) -> str | None:
     if now - moon_at > _FULL_MOON_WINDOW:
         return None
     stamp = moon_at.isoformat(timespec="minutes")
-    client, guard = bus.sync_client(), bus.keys.full_moon(stamp)
+    client, guard = bus.sync_client(), app_keys(bus).full_moon(stamp)
     if client.exists(guard):
         return None
     event_id = bus.publish_sync(FULL_MOON, {"at": stamp}, module="cosmic", event_id=full_moon_event_id(stamp))
@@ -274,7 +276,7 @@ def announce_full_moon(bus: EventBus, now: datetime) -> str | None:
 @app.task(name="tasks.cosmic.check_solar_storms", ignore_result=True)  # type: ignore[untyped-decorator]
 def check_solar_storms() -> str:
     """Beat task: poll the Kp feed; a bad feed or a failed publish is logged, not raised."""
-    s = event_bus.settings
+    s = get_app_settings()
     try:
         readings = fetch_kp_feed(s.noaa_kp_url, s.noaa_timeout_s)
     except FeedError as exc:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import redis
 
-from project.keys import Keys
+from tasks.keys import AppKeys
 
 __all__ = ["ActiveMemory"]
 
@@ -19,7 +19,7 @@ __all__ = ["ActiveMemory"]
 class ActiveMemory:
     """Read, fill and invalidate the per-user working memory."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int = 3600) -> None:
+    def __init__(self, client: redis.Redis, keys: AppKeys, ttl_s: int = 3600) -> None:
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s

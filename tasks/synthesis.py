@@ -19,6 +19,8 @@ from project.context import handling
 from project.errors import PublishOutcomeUnknown, PublishRefused
 from project.events import event_bus
 from tasks.db import engine
+from tasks.keys import app_keys
+from tasks.settings import get_app_settings
 from tasks.tables import module_profiles, syntheses, users
 
 __all__ = [
@@ -51,7 +53,7 @@ _DONE, _RUNNING = b"done", b"running"
 
 def cosmic_conditions() -> dict[str, Any]:
     """The latest cosmic events, by type (kept up to date by the synthesis module)."""
-    raw: Any = event_bus.sync_client().hgetall(event_bus.keys.cosmic_latest)
+    raw: Any = event_bus.sync_client().hgetall(app_keys(event_bus).cosmic_latest)
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
@@ -71,7 +73,7 @@ def fold_cosmic(event_type: str, data: Mapping[str, Any]) -> None:
     start arriving after its end (handlers run in parallel and retry) is ignored. Idempotent:
     folding the same event again changes nothing.
     """
-    key = event_bus.keys.cosmic_latest
+    key = app_keys(event_bus).cosmic_latest
 
     def fold(pipe: redis.client.Pipeline) -> None:
         raw: Any = pipe.hgetall(key)
@@ -160,10 +162,6 @@ def chunk_task_id(event_id: str, index: int) -> str:
     return str(uuid.uuid5(_CHUNK_NAMESPACE, f"{event_id}/{index}"))
 
 
-def _chunk_key(task_id: str) -> str:
-    return f"{event_bus.keys.prefix}:synthesis:chunk:{task_id}"
-
-
 def fan_out(cause: Mapping[str, Any]) -> int:
     """Send one ``synthesize_chunk`` task per chunk of active users; return the number of chunks.
 
@@ -172,7 +170,7 @@ def fan_out(cause: Mapping[str, Any]) -> int:
     """
     sent = 0
     envelope = dict(cause)  # the plain envelope: what goes over the wire is JSON
-    for index, chunk in enumerate(_active_user_chunks(event_bus.settings.synthesis_chunk_size)):
+    for index, chunk in enumerate(_active_user_chunks(get_app_settings().synthesis_chunk_size)):
         task_id = chunk_task_id(str(cause["event_id"]), index)
         synthesize_chunk.apply_async((chunk, envelope), queue=QUEUE, task_id=task_id)
         sent += 1
@@ -199,7 +197,7 @@ def synthesize_chunk(self: Task, user_ids: list[int], cause: dict[str, Any]) -> 
     """
     task_id = str(self.request.id)
     client = event_bus.sync_client()
-    key = _chunk_key(task_id)
+    key = app_keys(event_bus).synthesis_chunk(task_id)
     if not client.set(key, _RUNNING, nx=True, ex=_CHUNK_CLAIM_S):
         if client.get(key) == _DONE:
             log.info("synthesis chunk %s of %s ran already; skipped", task_id, cause["event_id"])

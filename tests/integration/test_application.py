@@ -34,6 +34,7 @@ from tasks.cosmic import (
     parse_kp_feed,
     storm_event_id,
 )
+from tasks.keys import AppKeys
 from tasks.memory import ActiveMemory
 from tasks.tables import birth_data, users
 from tests.conftest import wait_for
@@ -176,10 +177,11 @@ def test_working_memory_is_invalidated_per_user_and_globally_in_one_step(app_sta
     app_stack.start_worker(queues="memory")
     app_stack.start_router()
     bus = app_stack.bus()
-    memory = ActiveMemory(app_stack.redis, bus.keys, ttl_s=600)
+    keys = AppKeys(bus.keys.prefix)
+    memory = ActiveMemory(app_stack.redis, keys, ttl_s=600)
     memory.put("1", {"mood": "calm"})
     memory.put("2", {"mood": "curious"})
-    assert app_stack.redis.ttl(bus.keys.memory_user(0, "1")) > 0
+    assert app_stack.redis.ttl(keys.memory_user(0, "1")) > 0
 
     bus.publish_sync("user.birth_data.updated", {"user_id": 1})
     wait_for(lambda: memory.get("1") == {}, what="user 1's memory to be dropped")
@@ -313,7 +315,7 @@ def test_a_cosmic_event_whose_publish_failed_is_published_by_the_next_check_once
         moon = announce_full_moon(bus, after)
         assert moon in {full_moon_event_id("2024-01-25T17:53+00:00"), full_moon_event_id("2024-01-25T17:54+00:00")}
         assert announce_full_moon(bus, after) is None
-        for guard in admin.scan_iter(match=f"{bus.keys.prefix}:cosmic:full_moon:*"):
+        for guard in admin.scan_iter(match=AppKeys(bus.keys.prefix).full_moon("*")):
             admin.delete(guard)
         assert announce_full_moon(bus, after) == moon
         assert events("cosmic.full_moon") == [moon]
@@ -322,7 +324,7 @@ def test_a_cosmic_event_whose_publish_failed_is_published_by_the_next_check_once
 
 
 def _cosmic_latest(stack: Stack) -> dict[str, dict[str, object]]:
-    raw = stack.redis.hgetall(stack.bus().keys.cosmic_latest)
+    raw = stack.redis.hgetall(AppKeys(stack.prefix).cosmic_latest)
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
