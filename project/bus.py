@@ -131,17 +131,7 @@ class EventBus:
         if outbox is not None:  # inside an exactly-once block: sent after its commit
             outbox.append((event_type, event_id, encoded))
             return event_id
-        stream, window = self._publish_target()
-        client = self._async_client()
-        args = (
-            _PUBLISH_SHA,
-            2,
-            stream,
-            self._dedup_prefix + event_id,
-            encoded,
-            self._channel_prefix + event_type,
-            window,
-        )
+        client, args = self._async_client(), self._script_args(event_type, event_id, encoded)
         try:
             try:
                 await client.evalsha(*args)  # type: ignore[misc]
@@ -175,17 +165,7 @@ class EventBus:
         Raises:
             PublishRefused, PublishOutcomeUnknown: as :meth:`publish`.
         """
-        stream, window = self._publish_target()
-        client = self.sync_client()
-        args = (
-            _PUBLISH_SHA,
-            2,
-            stream,
-            self._dedup_prefix + event_id,
-            encoded,
-            self._channel_prefix + event_type,
-            window,
-        )
+        client, args = self.sync_client(), self._script_args(event_type, event_id, encoded)
         try:
             try:
                 # EVALSHA straight away: redis-py's Script wrapper costs more than the encoding.
@@ -196,6 +176,11 @@ class EventBus:
         except redis.RedisError as exc:
             raise _publish_error(exc, event_type, event_id) from exc
         return event_id
+
+    def _script_args(self, event_type: str, event_id: str, encoded: str) -> tuple[Any, ...]:
+        stream, window = self._publish_target()
+        dedup, channel = self._dedup_prefix + event_id, self._channel_prefix + event_type
+        return (_PUBLISH_SHA, 2, stream, dedup, encoded, channel, window)
 
     def _publish_target(self) -> tuple[str, int]:
         if self._target is None:
