@@ -1,4 +1,10 @@
-"""The ``eventbus`` command: run a router or the log writer, publish, list routes, tail events."""
+"""The ``eventbus`` command: run a router or the log writer, publish, list routes, tail events.
+
+An application adds its own commands (the cosmic one: ``eventbus demo``) through the
+``eventbus.commands`` entry point group: each entry names a callable that takes the
+subcommands of the parser (:data:`Subcommands`) and adds its own, each with
+``set_defaults(func=...)``, a function of the parsed arguments returning the exit status.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any, TypeAlias
 
 from project.envelope import validate_event_name
 from project.errors import EventBusError, InvalidEventName
@@ -17,9 +24,13 @@ from project.events import event_bus
 from project.patterns import PatternTrie
 from project.settings import get_settings
 
-__all__ = ["main"]
+__all__ = ["COMMANDS_GROUP", "Subcommands", "main"]
 
 log = logging.getLogger("eventbus")
+
+COMMANDS_GROUP = "eventbus.commands"
+#: What an ``eventbus.commands`` entry point is called with: ``add_parser`` adds a command.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _stop_on_signals() -> threading.Event:
@@ -130,21 +141,29 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Create a user with birth data, publish user.birth_data.updated, and watch the chain."""
-    import sqlalchemy as sa
-
-    from project.demo import run_demo
-
-    engine = sa.create_engine(get_settings().database_url)
-    try:
-        return run_demo(event_bus, engine, args.wait_s, sys.stdout)
-    finally:
-        engine.dispose()
+def _add_app_commands(sub: Subcommands) -> None:
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            register: Callable[[Subcommands], None] = entry.load()
+            register(sub)
+        except (ImportError, AttributeError, argparse.ArgumentError) as exc:
+            raise SystemExit(
+                f"eventbus: the {COMMANDS_GROUP} entry point {entry.name!r} ({entry.value}) failed: {exc}"
+            ) from exc
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eventbus", description=__doc__)
+def _command_name(argv: Sequence[str]) -> str | None:
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":  # the one global option that takes a value
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
+    parser = argparse.ArgumentParser(prog="eventbus", description=(__doc__ or "").partition("\n\n")[0])
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -175,15 +194,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="#")
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
     p.set_defaults(func=cmd_tail)
-    p = sub.add_parser("demo", help="create a user, publish user.birth_data.updated, watch the chain")
-    p.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the chain (0: do not)")
-    p.set_defaults(func=cmd_demo)
-    return parser
+    return parser, sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script."""
-    args = _parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    # Application commands are loaded only when a command is not one of the dispatcher's:
+    # the entry points are installed for every application, and a router or a log writer
+    # must not import an application other than the one EVENT_HANDLER_MODULES names.
+    parser, sub = _parser()
+    if _command_name(argv) not in sub.choices:
+        _add_app_commands(sub)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

@@ -1,4 +1,4 @@
-"""The application's pure parts: the solar profile, the Kp feed and the storm scale."""
+"""The application's pure parts: the solar profile, the Kp feed, the storm scale, its keys and settings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from project.settings import Settings
 from tasks.cosmic import (
     STORM_DETECTED,
     STORM_ENDED,
@@ -17,6 +18,8 @@ from tasks.cosmic import (
     storm_event_id,
     storm_severity,
 )
+from tasks.keys import AppKeys
+from tasks.settings import AppSettings
 from tasks.solar import solar_profile
 from tasks.synthesis import chunk_task_id
 
@@ -91,3 +94,28 @@ def test_chunk_task_ids_are_fixed_by_event_and_index() -> None:
 def test_garbage_feed_is_a_feed_error(payload: bytes) -> None:
     with pytest.raises(FeedError):
         parse_kp_feed(payload)
+
+
+def test_application_keys_keep_their_names_under_the_prefix() -> None:
+    # The names a running deployment already has in Redis: moving them must not orphan a
+    # storm in progress or a user's working memory.
+    keys = AppKeys("prod")
+    assert (keys.storm_state, keys.storm_check_lock, keys.full_moon("2024-01-25T17:54+00:00")) == (
+        "prod:cosmic:storm", "prod:cosmic:storm:check", "prod:cosmic:full_moon:2024-01-25T17:54+00:00"
+    )  # fmt: skip
+    assert (keys.cosmic_latest, keys.synthesis_chunk("c1")) == ("prod:cosmic:latest", "prod:synthesis:chunk:c1")
+    assert (keys.memory_generation, keys.memory_user(3, "42")) == ("prod:memory:generation", "prod:memory:3:42")
+
+
+def test_application_settings_are_read_from_the_same_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOAA_KP_URL", "http://127.0.0.1:9/kp.json")
+    monkeypatch.setenv("SYNTHESIS_CHUNK_SIZE", "7")
+    monkeypatch.setenv("MEMORY_TTL_S", "60")
+    monkeypatch.setenv("STORM_CHECK_INTERVAL_S", "5")
+    s = AppSettings()
+    assert (s.noaa_kp_url, s.synthesis_chunk_size, s.memory_ttl_s, s.storm_check_interval_s) == (
+        "http://127.0.0.1:9/kp.json", 7, 60, 5.0
+    )  # fmt: skip
+    assert (s.noaa_timeout_s, s.full_moon_check_interval_s) == (10.0, 3600.0)
+    # The dispatcher's settings know none of them.
+    assert not {"noaa_kp_url", "synthesis_chunk_size", "memory_ttl_s"} & set(Settings.model_fields)

@@ -1,25 +1,34 @@
-"""``eventbus demo``: create a user with birth data, publish, and watch the chain complete."""
+"""``eventbus demo``: create a user with birth data, publish, and watch the chain complete.
+
+The command is the application's: the ``eventbus`` CLI finds it through the
+``eventbus.commands`` entry point (``pyproject.toml``), which names :func:`register`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from project.bus import EventBus
+from project.events import event_bus
 from project.tables import event_deliveries, events_log
+from tasks.tables import birth_data, users
 
-__all__ = ["CHAIN", "run_demo"]
+if TYPE_CHECKING:
+    from project.cli import Subcommands
+
+__all__ = ["CHAIN", "chain_state", "create_demo_user", "register", "run_demo"]
 
 CHAIN = ("user.birth_data.updated", "module.profile.calculated", "synthesis.completed")
 
 
 def create_demo_user(engine: sa.Engine, name: str, born_at: datetime) -> int:
     """Insert a user and their birth data; return the user's id."""
-    from tasks.tables import birth_data, users
-
     with engine.begin() as conn:
         user_id = int(conn.execute(sa.insert(users).values(name=name).returning(users.c.id)).scalar_one())
         conn.execute(sa.insert(birth_data).values(user_id=user_id, born_at=born_at, place="Paris"))
@@ -72,3 +81,18 @@ def run_demo(bus: EventBus, engine: sa.Engine, wait_s: float, out: Any) -> int:
                   file=out)  # fmt: skip
             return 1
         time.sleep(0.2)
+
+
+def _command(args: argparse.Namespace) -> int:
+    engine = sa.create_engine(event_bus.settings.database_url)
+    try:
+        return run_demo(event_bus, engine, args.wait_s, sys.stdout)
+    finally:
+        engine.dispose()
+
+
+def register(commands: Subcommands) -> None:
+    """Add the ``demo`` command to the ``eventbus`` CLI (the ``eventbus.commands`` entry point)."""
+    p = commands.add_parser("demo", help="create a user, publish user.birth_data.updated, watch the chain")
+    p.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the chain (0: do not)")
+    p.set_defaults(func=_command)
