@@ -73,6 +73,7 @@ class _Snapshot:
     deliveries: dict[tuple[str, str], tuple[str, int, str | None]]
     idle: bool
     idle_reason: str
+    task_ids: dict[tuple[str, str], str]
 
 
 def check(
@@ -126,11 +127,15 @@ def _snapshot(stack: Stack) -> _Snapshot:
         for r in stack.query("SELECT event_id::text, event_type, data FROM events_log")
     }
     deliveries = {}
-    for r in stack.query("SELECT event_id::text, handler, status, attempts, error FROM event_deliveries"):
+    task_ids = {}
+    for r in stack.query(
+        "SELECT event_id::text, handler, status, attempts, error, task_id::text FROM event_deliveries"
+    ):
         short = r.handler.rsplit(".", 1)[-1]
         deliveries[(r.event_id, short)] = (r.status, r.attempts, r.error)
+        task_ids[(r.event_id, short)] = r.task_id
     idle, reason = _idle(stack)
-    return _Snapshot(logged, deliveries, idle, reason)
+    return _Snapshot(logged, deliveries, idle, reason, task_ids)
 
 
 def _group_idle(client: redis.Redis, stream: str, group: str) -> tuple[bool, str]:
@@ -168,9 +173,10 @@ def _unsettled(snap: _Snapshot, published: Mapping[str, str], modules: tuple[str
         missing = [eid for eid in published if eid not in snap.logged]
         if missing:
             waiting.append(f"{len(missing)} published events not in events_log (e.g. {missing[:3]})")
-    pending = Counter(status for status, _, _ in snap.deliveries.values() if status not in FINAL)
+    pending = {pair: row for pair, row in snap.deliveries.items() if row[0] not in FINAL}
     if pending:
-        waiting.append(f"deliveries not final: {dict(pending)}")
+        sample = "; ".join(f"{p} {s} attempts={a} error={e!r:.150}" for p, (s, a, e) in list(pending.items())[:3])
+        waiting.append(f"deliveries not final: {dict(Counter(r[0] for r in pending.values()))} (e.g. {sample})")
     expected = _expected_pairs(snap.logged, {e: t for e, t in published.items() if e in snap.logged}, modules)
     absent = [pair for pair in expected if pair not in snap.deliveries]
     if absent:
@@ -204,14 +210,51 @@ def _settle(
             waiting = _unsettled(snap, published, modules, allow_lost)
             if not waiting:
                 return snap
+            if snap.idle:
+                _fail_if_set_aside(stack, [eid for eid in published if eid not in snap.logged])
         if time.monotonic() > deadline:
             dead = stack.dead_processes()
             raise AssertionError(
                 f"the record did not settle within {timeout_s}s: "
                 + "; ".join(waiting)
+                + _redis_side(stack, snap)
                 + ("\n" + "\n".join(dead) if dead else "")
             )
         time.sleep(0.25)
+
+
+def _fail_if_set_aside(stack: Stack, missing: list[str]) -> None:
+    """Fail at once if an event whose publish returned was dead-lettered or refused by the log:
+    it will never be on record, so waiting for it is pointless."""
+    if not missing:
+        return
+    wanted = {eid.encode() for eid in missing}
+    for stream, what in (
+        (stack.keys.dead_letter, "dead-lettered by the router"),
+        (stack.keys.log_rejected, "set aside by the log writer"),
+    ):
+        for entry_id, fields in stack.redis.xrange(stream):
+            blob = b" ".join(fields.values())
+            hit = next((eid for eid in wanted if eid in blob), None)
+            if hit is not None:
+                raise AssertionError(
+                    f"published event {hit.decode()} was {what} ({stream} {entry_id!r}): "
+                    f"{fields.get(b'reason', b'')!r:.300}; raw {blob!r:.600}"
+                )
+
+
+def _redis_side(stack: Stack, snap: _Snapshot) -> str:
+    """What Redis knows of (a few of) the deliveries that are not final, for the failure message."""
+    lines = []
+    for pair, (status, _, _) in snap.deliveries.items():
+        if status in FINAL or len(lines) >= 3:
+            continue
+        task_id = snap.task_ids.get(pair)
+        if task_id:
+            state = stack.redis.hgetall(stack.keys.delivery(task_id))
+            lease = stack.redis.pttl(stack.keys.lease(task_id))
+            lines.append(f"  {pair} task {task_id}: {stack.keys.delivery(task_id)} = {state!r}, lease pttl {lease}")
+    return ("\nin Redis:\n" + "\n".join(lines)) if lines else ""
 
 
 def wait_idle(stack: Stack, timeout_s: float = 60.0) -> None:
