@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit lint bench migrate clean
+.PHONY: run test unit lint bench migrate clean soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
+
+# 5 minutes at 200 events/s with a random kill every 20 s (SOAK_SECONDS, SOAK_RATE, SOAK_KILL_EVERY_S).
+soak: $(STAMP)
+	scripts/ensure-services
+	$(BIN)/python -m tests.faults.soak
 
 bench: $(STAMP)
 	scripts/ensure-services
