@@ -1,4 +1,9 @@
-"""Alembic environment: the URL is ``DATABASE_URL`` (or ``-x url=...``), read via project.settings."""
+"""Alembic environment: the URL is ``DATABASE_URL`` (or ``-x url=...``), read via project.settings.
+
+The migrations are the deployment's: the dispatcher's event log (``project.tables``) and the
+cosmic application's tables (``tasks.tables``) live in one database. This module is not part
+of ``project``, so it may import the application.
+"""
 
 from __future__ import annotations
 
