@@ -24,6 +24,7 @@ import asyncio
 import inspect
 import logging
 import random
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,13 +54,14 @@ end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'busy', redis.call('PTTL', KEYS[2])}
 end
-local a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if a > tonumber(ARGV[3]) then
+local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if a >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('DEL', KEYS[2])
   return {'exhausted', a}
 end
+a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
@@ -74,17 +76,32 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL'
 return 1
 """
 
-# KEYS: delivery hash, lease. ARGV: token ('' if unknown), max attempts, state ttl s, final.
+# KEYS: delivery hash, lease. ARGV: token ('' if unknown: a hard time limit, in the worker's
+# main process), max attempts, state ttl s, final ('1': give up now), this host's name.
+# An attempt whose lease lapsed (its worker was cut off from Redis) may fail long after
+# another copy took over: it must not undo what that copy did, so a settled delivery, or
+# one whose lease another process holds, is left alone ('settled', 'superseded').
 _FAIL_LUA = """
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local holder = redis.call('GET', KEYS[2])
+if ARGV[4] ~= '1' then
+  local now = redis.call('HGET', KEYS[1], 'state')
+  if now == 'done' or now == 'dead' then return {'settled', a} end
+  if holder and holder ~= ARGV[1] then
+    if ARGV[1] ~= '' or string.sub(holder, 1, #ARGV[5] + 1) ~= ARGV[5] .. ':' then
+      return {'superseded', a}
+    end
+  end
+end
 local st = 'retrying'
 if ARGV[4] == '1' or a >= tonumber(ARGV[2]) then st = 'dead' end
 redis.call('HSET', KEYS[1], 'state', st)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return {st, a}
 """
 
+_HOST = socket.gethostname()
 _loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -161,8 +178,8 @@ class DeliveryTask(Task):  # type: ignore[misc]
             self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s)
             raise Ignore()
         raise DeliveryExhausted(
-            f"{self.name}: delivery {task_id} started {int(reply[1])} times, over its {self.max_attempts} "
-            "attempts: its process was lost (killed, out of memory, timed out) each time"
+            f"{self.name}: delivery {task_id} used all its {self.max_attempts} attempts without finishing: "
+            "its process was lost (killed, out of memory) each time"
         )
 
     def run(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +210,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         final = isinstance(exc, DeliveryExhausted)
         try:
             reply: Any = client.eval(
-                _FAIL_LUA, 2, *keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final)
+                _FAIL_LUA, 2, *keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST
             )
         except redis.RedisError:
             # The message is not acknowledged either (same Redis): it comes back after the
@@ -201,6 +218,12 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.exception("%s[%s]: cannot record the failed attempt", self.name, task_id)
             return
         state, attempts = _text(reply[0]), int(reply[1])
+        if state in ("settled", "superseded"):
+            log.warning(
+                "%s[%s]: a stale attempt failed (%r) after another copy %s the delivery; ignored",
+                self.name, task_id, exc, "finished" if state == "settled" else "took over",
+            )  # fmt: skip
+            return
         event = args[0] if args and isinstance(args[0], dict) else {}
         if state == "retrying":
             delay_s = backoff_s(sub, max(attempts - 1, 0))

@@ -146,12 +146,36 @@ def encode_envelope(
         raise InvalidEventData(
             f"event {event_type!r} holds a NUL character (U+0000) in a string; PostgreSQL cannot store it"
         )
+    if _SURROGATE in encoded and _has_lone_surrogate(envelope):
+        raise InvalidEventData(
+            f"event {event_type!r} holds a lone surrogate (U+D800..U+DFFF) in a string, which is not "
+            "valid Unicode: no JSON parser or PostgreSQL accepts it"
+        )
     return event_id, encoded
 
 
 # A NUL inside any JSON string is encoded as this escape (ensure_ascii): a cheap pre-check
 # before the exact walk, which only runs when the escape text appears.
 _NUL = "\\u0000"
+
+
+# Surrogates are encoded as \\ud800-\\udfff escapes: this text appears for every one, paired
+# (an emoji) or lone; only then is the exact check run.
+_SURROGATE = "\\ud"
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, Mapping):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _has_nul(value: object) -> bool:

@@ -1,4 +1,4 @@
-"""The reconciler: sends again deliveries that were dispatched but never started.
+"""The reconciler: sends again deliveries that were lost on their way, records those whose record was.
 
 kombu's Redis transport takes a message off its queue (BRPOP) before the worker records it
 as unacknowledged; a worker's main process killed in between loses that message for good,
@@ -7,10 +7,16 @@ and plain Celery cannot notice. The record can: such a delivery stays ``dispatch
 (``Keys.delivery``, made on its first start).
 
 Every ``RECONCILE_INTERVAL_S`` one router (a lock in Redis picks it) looks for deliveries
-``dispatched`` more than ``RECONCILE_AFTER_S`` ago and less than ``DELIVERY_DONE_TTL_S``
-ago (past that, a missing state no longer proves the delivery never started, so they are
-only reported), with no state in Redis, and sends each again with its own task id, from the
-event as the record holds it. It costs nothing per delivery on the hot path: one query per
+``dispatched`` or ``retrying`` more than ``RECONCILE_AFTER_S`` ago and less than
+``DELIVERY_DONE_TTL_S`` ago (past that, a missing state no longer proves the delivery never
+started, so they are only reported), and looks at each one's state in Redis:
+
+- none: it never started, so it is sent again with its own task id, from the event as the
+  record holds it;
+- ``running`` or ``retrying`` with no worker holding its lease: its worker was lost (or its
+  done mark could not be written), so it is sent again too;
+- ``done`` or ``dead``: a worker settled it but its record was lost (Redis failed between
+  the two), so the settled status is recorded now. It costs nothing per delivery on the hot path: one query per
 interval. A delivery that was only slow to start (a long queue) is sent twice; its second
 copy is skipped by the workers' done check.
 """
@@ -45,7 +51,7 @@ _STALE = sa.text(
            e.event_type, e.user_id, e.user_id_json, e.data, e.occurred_at, e.module,
            e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops
     FROM event_deliveries d JOIN events_log e ON e.event_id = d.event_id
-    WHERE d.status = 'dispatched' AND d.updated_at < :before AND d.updated_at >= :after
+    WHERE d.status IN ('dispatched', 'retrying') AND d.updated_at < :before AND d.updated_at >= :after
     ORDER BY d.updated_at
     LIMIT :limit
     """
@@ -111,9 +117,9 @@ class Reconciler:
             too_old = int(conn.execute(_TOO_OLD, {"after": after}).scalar_one())
         if too_old and too_old != self._reported_old:
             log.error(
-                "reconciler: %d deliveries have been 'dispatched' for longer than DELIVERY_DONE_TTL_S; whether they "
-                "ever started is no longer known, so they are not sent again automatically: look at them in "
-                "event_deliveries",
+                "reconciler: %d deliveries have been 'dispatched' or 'retrying' for longer than "
+                "DELIVERY_DONE_TTL_S; whether they ever started is no longer known, so they are not sent again "
+                "automatically: look at them in event_deliveries",
                 too_old,
             )
         self._reported_old = too_old
@@ -121,13 +127,39 @@ class Reconciler:
             return 0
         pipe = self.client.pipeline(transaction=False)
         for row in rows:
-            pipe.exists(self.keys.delivery(row.task_id))
-        started = pipe.execute()
-        lost = [row for row, seen in zip(rows, started, strict=True) if not seen]
-        if not lost:
-            return 0
+            pipe.hmget(self.keys.delivery(row.task_id), "state", "attempts")
+            pipe.exists(self.keys.lease(row.task_id))
+        replies = pipe.execute()
+        resend: list[tuple[Any, str]] = []
+        settle: list[tuple[Any, str, int]] = []
+        for i, row in enumerate(rows):
+            (state, attempts), leased = replies[2 * i], replies[2 * i + 1]
+            state = state.decode() if isinstance(state, bytes) else state
+            if state is None:
+                resend.append((row, "dispatched and never started"))
+            elif state in ("done", "dead"):
+                settle.append((row, "succeeded" if state == "done" else "dead", int(attempts or 0)))
+            elif not leased:
+                resend.append((row, f"{state} with no worker holding its lease (its worker was lost)"))
+        if settle:
+            self._settle(settle)
+        if resend:
+            self._resend(resend)
+        return len(resend)
+
+    def _settle(self, rows: list[tuple[Any, str, int]]) -> None:
+        # The worker settled the delivery in Redis, but its record never reached the log (Redis
+        # failed between the two): record it from the state.
+        pipe = self.client.pipeline(transaction=False)
+        for row, status, attempts in rows:
+            note = "recorded by the reconciler from the delivery's state in Redis (the worker's record was lost)"
+            pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, status, attempts, note)})
+        pipe.execute()
+        log.warning("reconciler: recorded %d settled deliveries whose own record was lost", len(rows))
+
+    def _resend(self, rows: list[tuple[Any, str]]) -> None:
         pipe = self.client.pipeline(transaction=True)
-        for row in lost:
+        for row, why in rows:
             message = build_task_message(
                 task_name=row.handler,
                 task_id=row.task_id,
@@ -137,16 +169,15 @@ class Reconciler:
                 event_id=row.event_id,
             )
             pipe.lpush(self.keys.celery_queue(row.queue), message)
-            note = f"sent again by the reconciler: dispatched at {row.updated_at.isoformat()} and never started"
+            note = f"sent again by the reconciler: {why} (last change {row.updated_at.isoformat()})"
             pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, "dispatched", None, note)})
         pipe.execute()
-        for row in lost:
+        for row, why in rows:
             log.warning(
-                "reconciler: delivery of event %s to %s was dispatched at %s and never started; sent again (task %s)",
-                row.event_id, row.handler, row.updated_at.isoformat(), row.task_id,
+                "reconciler: delivery of event %s to %s was %s; sent again (task %s)",
+                row.event_id, row.handler, why, row.task_id,
             )  # fmt: skip
-        self.resent += len(lost)
-        return len(lost)
+        self.resent += len(rows)
 
 
 def _ts(unix_s: float) -> datetime:

@@ -44,6 +44,7 @@ if st == '' or st == '?settled' then
   local s = redis.call('HGET', KEYS[2], 'state')
   if st == '?settled' then
     if s == 'done' then st = 'succeeded' elseif s == 'dead' then st = 'dead' else return 0 end
+  elseif s == 'done' then return 0  -- a stale attempt's failure after another copy finished
   elseif s == 'dead' or s == 'retrying' then st = s else st = 'failed' end
 end
 local err = cjson.null

@@ -71,7 +71,7 @@ def test_handler_killing_its_process_counts_attempts_and_ends_dead(stack: Stack)
     row = _delivery(stack, recovers, "crash", "succeeded", timeout_s=90)
     assert row.attempts == 3  # type: ignore[attr-defined]
     row = _delivery(stack, doomed, "crash", "dead", timeout_s=90)
-    assert row.attempts == 4  # type: ignore[attr-defined]  # 3 attempts started, the 4th copy gave up
+    assert row.attempts == 3  # type: ignore[attr-defined]  # it ran 3 times; the 4th copy gave up, uncounted
     assert "DeliveryExhausted" in row.error  # type: ignore[attr-defined]
     report = wait_for(lambda: _module_errors(stack), what="module.error")[0]
     assert report["event_id"] == doomed
@@ -145,9 +145,36 @@ def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(sta
     wait_for(lambda: stack.redis.llen(queue) == 1, what="the task on its queue")
     stack.redis.delete(queue)
     wait_for(lambda: stack.redis.llen(queue) == 1, timeout_s=30, what="the reconciler to send it again")
-    assert "never started; sent again" in stack.log("router")
+    assert "dispatched and never started; sent again" in stack.log("router")
     stack.start_worker(queues="alpha")
     _delivery(stack, event_id, "on_birth_data", "succeeded")
     assert stack.runs() == {f"{event_id}:on_birth_data": 1}
     seen = json.loads(stack.redis.lrange(f"{stack.prefix}:test:seen:on_birth_data", 0, -1)[0])
     assert seen["user_id"] == 7  # rebuilt from the record, with user_id's type
+
+
+def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_lost(stack: Stack) -> None:
+    stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
+    stack.start_router()
+    bus = stack.bus()
+    settled = bus.publish_sync("user.birth_data.updated", user_id="settled")
+    orphaned = bus.publish_sync("user.birth_data.updated", user_id="orphaned")
+    handler = f"{APP}.on_birth_data"
+    for event_id in (settled, orphaned):
+        stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "dispatched", e=event_id, h=handler)
+    queue = bus.keys.celery_queue("alpha")
+    wait_for(lambda: stack.redis.llen(queue) == 2, what="both tasks queued")
+    stack.redis.delete(queue)
+    # One was done by a worker whose success record was lost; the other's worker died while
+    # running it, after its lease lapsed.
+    stack.redis.hset(bus.keys.delivery(delivery_task_id(settled, handler)), mapping={"state": "done", "attempts": 1})
+    stack.redis.hset(
+        bus.keys.delivery(delivery_task_id(orphaned, handler)), mapping={"state": "running", "attempts": 1}
+    )
+    row = stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=settled, h=handler)[0]
+    assert row.attempts == 1
+    wait_for(lambda: stack.redis.llen(queue) == 1, timeout_s=30, what="the orphaned delivery sent again")
+    assert "with no worker holding its lease" in stack.log("router")
+    stack.start_worker(queues="alpha")
+    _delivery(stack, orphaned, "on_birth_data", "succeeded")
+    assert stack.runs() == {f"{orphaned}:on_birth_data": 1}  # the settled one never ran again

@@ -40,6 +40,8 @@ def _entries(bus: EventBus) -> list[dict[bytes, bytes]]:
         ({"module": "m" * 201}, "module"),
         ({"user_id": "u" * 201}, "user_id"),
         ({"event_id": "not-a-uuid"}, "event_id"),
+        ({"data": {"s": "lone \ud800"}}, "surrogate"),
+        ({"user_id": "\udfff"}, "user_id"),
     ],
 )
 def test_publish_refuses_what_the_router_or_the_log_would_refuse(
