@@ -214,6 +214,7 @@ def _settle(
                 _fail_if_set_aside(stack, [eid for eid in published if eid not in snap.logged])
         if time.monotonic() > deadline:
             dead = stack.dead_processes()
+            stack.dump_worker_stacks()
             raise AssertionError(
                 f"the record did not settle within {timeout_s}s: "
                 + "; ".join(waiting)

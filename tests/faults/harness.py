@@ -636,6 +636,22 @@ class Stack:
                 _killpg(proc)
                 proc.popen.wait()
 
+    def dump_worker_stacks(self) -> None:
+        """Have every live worker's main process log the stack of each of its threads (Celery's
+        SIGUSR1 handler), so a wedged worker shows where it is stuck in the failure output."""
+        sizes = {}
+        for proc in self.procs.values():
+            if proc.role == "worker" and proc.alive():
+                sizes[proc.name] = len(self.log(proc.name))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR1)
+        with contextlib.suppress(AssertionError):
+            wait_for(
+                lambda: all(len(self.log(name)) > size for name, size in sizes.items()),
+                timeout_s=3,
+                what="the workers' stack dumps",
+            )
+
     def dead_processes(self) -> list[str]:
         """Processes that should be running but exited, with the tail of their log."""
         return [
