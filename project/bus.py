@@ -17,6 +17,8 @@ from project.context import current_outbox
 from project.envelope import encode_envelope
 from project.errors import InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys
+from project.observability import metrics
+from project.observability.tracing import publish_span
 from project.patterns import validate_pattern
 from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
@@ -126,20 +128,24 @@ class EventBus:
             PublishOutcomeUnknown: the connection broke; the event may be stored. Retry with
                 its ``event_id``.
         """
-        event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
-        outbox = current_outbox()
-        if outbox is not None:  # inside an exactly-once block: sent after its commit
-            outbox.append((event_type, event_id, encoded))
-            return event_id
-        client, args = self._async_client(), self._script_args(event_type, event_id, encoded)
-        try:
+        with publish_span(event_type) as span:
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+            if span is not None:
+                span.set_attribute("messaging.message.id", event_id)
+            outbox = current_outbox()
+            if outbox is not None:  # inside an exactly-once block: sent after its commit
+                outbox.append((event_type, event_id, encoded))
+                return event_id
+            client, args = self._async_client(), self._script_args(event_type, event_id, encoded)
             try:
-                await client.evalsha(*args)  # type: ignore[misc]
-            except redis.exceptions.NoScriptError:
-                await client.script_load(_PUBLISH_LUA)
-                await client.evalsha(*args)  # type: ignore[misc]
-        except redis.RedisError as exc:
-            raise _publish_error(exc, event_type, event_id) from exc
+                try:
+                    await client.evalsha(*args)  # type: ignore[misc]
+                except redis.exceptions.NoScriptError:
+                    await client.script_load(_PUBLISH_LUA)
+                    await client.evalsha(*args)  # type: ignore[misc]
+            except redis.RedisError as exc:
+                raise _publish_error(exc, event_type, event_id) from exc
+        metrics.record_published(event_type)
         return event_id
 
     def publish_sync(
@@ -152,12 +158,15 @@ class EventBus:
         event_id: str | uuid.UUID | None = None,
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
-        event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
-        outbox = current_outbox()
-        if outbox is not None:  # inside an exactly-once block: sent after its commit
-            outbox.append((event_type, event_id, encoded))
-            return event_id
-        return self.send_encoded(event_type, event_id, encoded)
+        with publish_span(event_type) as span:
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+            if span is not None:
+                span.set_attribute("messaging.message.id", event_id)
+            outbox = current_outbox()
+            if outbox is not None:  # inside an exactly-once block: sent after its commit
+                outbox.append((event_type, event_id, encoded))
+                return event_id
+            return self.send_encoded(event_type, event_id, encoded)
 
     def send_encoded(self, event_type: str, event_id: str, encoded: str) -> str:
         """Store an event already built by :meth:`publish` (idempotent per event_id).
@@ -175,6 +184,7 @@ class EventBus:
                 client.evalsha(*args)
         except redis.RedisError as exc:
             raise _publish_error(exc, event_type, event_id) from exc
+        metrics.record_published(event_type)
         return event_id
 
     def _script_args(self, event_type: str, event_id: str, encoded: str) -> tuple[Any, ...]:

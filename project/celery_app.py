@@ -14,12 +14,16 @@ from celery import Celery, signals
 from project import signals as recording
 from project.delivery import register_tasks
 from project.events import event_bus
+from project.observability import otel_sdk, tracing
+from project.observability.exposition import forget_worker_child, serve_worker
+from project.settings import get_settings
 
 __all__ = ["app", "load_handlers"]
 
 app = Celery("project")
 app.config_from_object("celeryconfig")
 recording.connect()
+tracing.connect()
 
 
 def load_handlers() -> None:
@@ -33,5 +37,19 @@ def _on_start(**_: Any) -> None:
     load_handlers()
 
 
-signals.worker_init.connect(_on_start, weak=False, dispatch_uid="eventbus.load_handlers")
+def _on_worker_start(**_: Any) -> None:
+    load_handlers()
+    # Also before the fork: the children inherit multiprocess mode and its directory.
+    serve_worker(get_settings())
+    otel_sdk.configure(get_settings(), service_name="eventbus-worker")
+
+
+def _on_child_exit(pid: int | None = None, **_: Any) -> None:
+    otel_sdk.flush()
+    if pid is not None:
+        forget_worker_child(pid)
+
+
+signals.worker_init.connect(_on_worker_start, weak=False, dispatch_uid="eventbus.load_handlers")
+signals.worker_process_shutdown.connect(_on_child_exit, weak=False, dispatch_uid="eventbus.metrics.child_exit")
 signals.beat_init.connect(_on_start, weak=False, dispatch_uid="eventbus.load_handlers.beat")

@@ -51,12 +51,19 @@ def _run_log_writer(stop: threading.Event) -> None:
     LogWriter(get_settings()).run(stop)
 
 
+def _serve_metrics(*, router: bool, log_writer: bool) -> None:
+    from project.observability.exposition import serve_process
+
+    serve_process(get_settings(), router=router, log_writer=log_writer)
+
+
 def cmd_router(args: argparse.Namespace) -> int:
     """Run a router (and, unless --no-log-writer, the log writer in a thread of the same process)."""
     from project.router import Router
 
     event_bus.load_modules()
     stop = _stop_on_signals()
+    _serve_metrics(router=True, log_writer=not args.no_log_writer)
     writer = None
     if not args.no_log_writer:
         writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
@@ -76,7 +83,9 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 def cmd_log_writer(args: argparse.Namespace) -> int:
     """Run the log writer alone."""
-    _run_log_writer(_stop_on_signals())
+    stop = _stop_on_signals()
+    _serve_metrics(router=False, log_writer=True)
+    _run_log_writer(stop)
     return 0
 
 
@@ -209,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_app_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("router", "publish"):  # the commands that make spans
+        from project.observability.otel_sdk import configure
+
+        configure(get_settings(), service_name=f"eventbus-{args.command}")
     try:
         return int(args.func(args))
     except EventBusError as exc:

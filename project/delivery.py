@@ -25,7 +25,9 @@ import inspect
 import logging
 import random
 import socket
+import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -37,6 +39,8 @@ from project.context import handling
 from project.errors import DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.lease import keeper, new_token
+from project.observability import metrics
+from project.observability.tracing import handler_span
 from project.registry import Subscription
 
 __all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "backoff_s", "register_tasks", "route_task"]
@@ -123,6 +127,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _since_published_s(event: Mapping[str, Any], started: float) -> float | None:
+    """Seconds from the event's publish to ``started`` (a perf_counter reading), if known."""
+    try:
+        published = datetime.fromisoformat(event["timestamp"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+    return time.time() - (time.perf_counter() - started) - published
+
+
 class DeliveryTask(Task):  # type: ignore[misc]
     """Runs one subscription's handler; made by :func:`register_tasks`, one per subscription."""
 
@@ -168,6 +181,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
                 send_outbox(self.bus, outbox)
                 client.hdel(keys[0], "outbox")
+            metrics.record_delivery(self.name, "skipped")
             log.info("%s[%s]: delivery already %s; this copy is skipped", self.name, task_id, _text(reply[1]))
             raise Ignore()
         if verdict == "busy":
@@ -176,6 +190,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 "%s[%s]: another copy holds the lease; this copy is deferred by %.1fs", self.name, task_id, delay_s
             )
             self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s)
+            metrics.record_delivery(self.name, "deferred")
             raise Ignore()
         raise DeliveryExhausted(
             f"{self.name}: delivery {task_id} used all its {self.max_attempts} attempts without finishing: "
@@ -184,20 +199,29 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def run(self, event: dict[str, Any]) -> dict[str, Any]:
         sub, task_id = self.subscription, self.request.id
+        started = time.perf_counter()
         try:
-            with handling(event, sub.module, delivery_id=task_id):
+            with (
+                handling(event, sub.module, delivery_id=task_id),
+                handler_span(event, self.name, sub.queue, ignore=(AlreadyHandled,)),
+            ):
                 result = sub.handler(Event(event, Delivery(self.bus, task_id, self.name)))
                 if inspect.isawaitable(result):
                     _run_coroutine(result)
         except AlreadyHandled:
             log.info("%s[%s]: its effect was committed by an earlier copy; skipped", self.name, task_id)
             return {"task_id": task_id, "event_id": event.get("event_id"), "status": "duplicate"}
+        finally:
+            if metrics.enabled() is not None:
+                metrics.record_handler_run(self.name, time.perf_counter() - started, _since_published_s(event, started))
         return {"task_id": task_id, "event_id": event.get("event_id"), "status": "ok"}
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         client, keys = self._scripts_args(task_id)
         token = keeper.release(keys[1]) or ""
         client.eval(_DONE_LUA, 2, *keys, token, self.bus.settings.delivery_done_ttl_s)
+        duplicate = isinstance(retval, dict) and retval.get("status") == "duplicate"
+        metrics.record_delivery(self.name, "skipped" if duplicate else "succeeded")
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], einfo: Any
@@ -232,7 +256,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 self.name, task_id, attempts, self.max_attempts, exc, delay_s,
             )  # fmt: skip
             self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s, retries=attempts)
+            metrics.record_delivery(self.name, "retried")
             return
+        metrics.record_delivery(self.name, "dead")
         self._report_dead(task_id, event, exc, attempts)
 
     def _report_dead(self, task_id: str, event: Mapping[str, Any], exc: BaseException, attempts: int) -> None:

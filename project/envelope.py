@@ -21,6 +21,7 @@ from project.errors import (
     PayloadNotSerializable,
     PayloadTooLarge,
 )
+from project.observability.tracing import trace_fields
 
 __all__ = ["Envelope", "decode_envelope", "encode_envelope", "normalize_event_id", "validate_event_name"]
 
@@ -128,6 +129,7 @@ def encode_envelope(
         "causation_id": causation_id,
         "correlation_id": correlation_id,
         "hops": hops,
+        **trace_fields(),  # only inside a recorded span: the envelope stays as it was otherwise
     }
     try:
         Envelope.model_validate(envelope)
@@ -214,6 +216,12 @@ class Envelope(BaseModel):
     causation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
     correlation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
     hops: int = Field(default=0, ge=0)
+    # The W3C trace context of the publishing span (project.observability.tracing); optional,
+    # so envelopes of earlier versions and untraced publishers are accepted as they are.
+    traceparent: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", max_length=256
+    )
+    tracestate: str | None = Field(default=None, max_length=1024)
 
     @field_validator("event_type")
     @classmethod

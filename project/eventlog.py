@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from project.consumer import ConsumerConfig, GroupConsumer
 from project.keys import LOG_GROUP, Keys
 from project.messages import delivery_task_id
+from project.observability import metrics
 from project.records import DeliveryRecord, EventRecord, decode_record
 from project.settings import Settings
 from project.tables import DELIVERY_STATUSES
@@ -289,6 +290,12 @@ class LogWriter:
                 bad.append((entry_id, fields, f"unreadable record: {type(exc).__name__}: {exc}"[:2000]))
         good = self._write_bisecting(parsed, bad)
         self._finish(good, bad)
+        if metrics.enabled() is not None:
+            written = set(good)
+            rows = [r for entry_id, _, r in parsed if entry_id in written]
+            metrics.record_log_written(
+                sum(r.event is not None for r in rows), sum(len(r.deliveries) for r in rows), len(bad)
+            )
 
     def _write_bisecting(self, items: list[_Entry], bad: list[_Bad]) -> list[Any]:
         """Write ``items``; return the ids written. Refused records are appended to ``bad``."""

@@ -34,6 +34,7 @@ from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
 from project.keys import ROUTER_GROUP, Keys
 from project.messages import build_task_message, delivery_task_id
+from project.observability import metrics
 from project.records import event_record
 from project.registry import Registry
 from project.settings import Settings
@@ -67,7 +68,8 @@ _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 #   id, kind ('d' dispatch | 'x' dead-letter), a, b, dedup KEYS index (0: none), n, then n
 #   pairs (KEYS index, message); for 'd': a = log record; for 'x': a = reason, b = raw entry.
 # Returns {entries handled, skipped, duplicates, records shed, tasks sent, dead-lettered,
-#   {"<key> (<type>)", ...} of queue keys that are not lists}.
+#   {"<key> (<type>)", ...} of queue keys that are not lists, {ids of the 'd' entries not
+#   dispatched here (skipped, duplicate, or dead-lettered for a bad queue key)}}.
 _DISPATCH_LUA = """
 local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
@@ -90,6 +92,7 @@ for k = 5, 4 + nq do
 end
 local loglen = redis.call('XLEN', logbuf)
 local done, skipped, dups, shed_n, sent, dead = 0, 0, 0, 0, 0, 0
+local passed = {}
 local i = 8
 while i <= #ARGV do
   local id, kind, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -98,17 +101,20 @@ while i <= #ARGV do
   i = m + 2 * n
   if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then
     skipped = skipped + 1
+    passed[#passed + 1] = id
   else
     local prev = false
     if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
     if prev and prev ~= id then
       dups = dups + 1  -- this event_id was published as another entry: already dispatched
+      passed[#passed + 1] = id
     else
       if kind == 'd' then
         for j = 0, n - 1 do
           local q = tonumber(ARGV[m + 2 * j])
           if bad[q] then
             kind, a = 'x', 'Celery queue key ' .. KEYS[q] .. ' holds a ' .. bad[q] .. ', not a list'
+            passed[#passed + 1] = id
             local e = redis.call('XRANGE', stream, id, id)[1]
             local raw = {}
             if e then
@@ -141,7 +147,7 @@ while i <= #ARGV do
     done = done + 1
   end
 end
-return {done, skipped, dups, shed_n, sent, dead, badlist}
+return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
 """
 
 # Trims the stream up to the oldest entry some consumer group still needs: its oldest
@@ -213,6 +219,7 @@ class _Item:
     event_id: str | None
     messages: list[tuple[str, str]] = field(default_factory=list)
     fields: Any = None
+    event_type: str = ""
 
     def size(self) -> int:
         strings = [self.eid, self.a, self.b, *(m for _, m in self.messages)]
@@ -361,7 +368,9 @@ class Router:
             for queue, message in item.messages:
                 argv += [queue_keys[queue], message]
         reply: Any = self._script(keys=script_keys, args=argv)
-        done, skipped, dups, shed, sent, dead, badlist = reply
+        done, skipped, dups, shed, sent, dead, badlist, passed = reply
+        if metrics.enabled() is not None:
+            _count(items, int(dead), int(skipped), int(dups), {_text(p) for p in passed})
         st = self.stats
         st.entries += int(done)
         st.dispatched_tasks += int(sent)
@@ -428,7 +437,17 @@ class Router:
                 )
             )
         record = event_record(text, deliveries)
-        return _Item(eid, "d", record, "", envelope.event_id, messages, fields)
+        return _Item(eid, "d", record, "", envelope.event_id, messages, fields, envelope.event_type)
+
+
+def _count(items: list[_Item], dead: int, skipped: int, dups: int, passed: set[str]) -> None:
+    """Count what one dispatch call did, for the metrics."""
+    sent = [item for item in items if item.kind == "d" and item.eid not in passed]
+    metrics.record_dispatch(
+        {"dispatched": len(sent), "dead_lettered": dead, "skipped": skipped, "duplicate": dups},
+        [item.event_type for item in sent],
+        [queue for item in sent for queue, _ in item.messages],
+    )
 
 
 def _environmental(exc: redis.ResponseError) -> bool:

@@ -91,6 +91,25 @@ class Settings(BaseSettings):
     # Only one beat process schedules (project.beat); the others wait for its lock to lapse.
     beat_lock_ttl_s: float = Field(30.0, gt=0)
 
+    # Prometheus /metrics on each router, log writer and worker (project.observability).
+    # Off by default: every process of a host would otherwise need its own port.
+    metrics_enabled: bool = False
+    metrics_address: str = "127.0.0.1"
+    metrics_router_port: int = Field(9101, gt=0, lt=65536)
+    metrics_log_writer_port: int = Field(9102, gt=0, lt=65536)
+    metrics_worker_port: int = Field(9103, gt=0, lt=65536)
+    # Where a worker's processes keep their metric files (prometheus_client's own variable);
+    # unset, a fresh temporary directory per worker.
+    prometheus_multiproc_dir: str | None = None
+
+    # Traces are exported only when these standard OpenTelemetry variables ask for it (and
+    # the SDK is installed); the SDK reads the rest (endpoint details, service name, sampler).
+    otel_sdk_disabled: bool = False
+    otel_service_name: str | None = None
+    otel_traces_exporter: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+
     @model_validator(mode="after")
     def _done_outlasts_redelivery(self) -> Settings:
         if self.delivery_done_ttl_s <= self.broker_visibility_timeout_s:

@@ -24,6 +24,7 @@ from celery import signals
 from project.bus import EventBus
 from project.delivery import DeliveryTask
 from project.events import event_bus
+from project.observability import metrics
 
 __all__ = ["connect"]
 
@@ -139,6 +140,7 @@ def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None
         "run `eventbus requeue-rejected` once a worker has it",
         name, id, keys.rejected_tasks,
     )  # fmt: skip
+    metrics.record_delivery(str(name), "rejected")
     _record(str(name), str(id), _event_id(args), "rejected", error=f"unknown task {name!r} on a worker of {queue!r}")
 
 

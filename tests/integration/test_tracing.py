@@ -1,0 +1,128 @@
+"""One trace from a span around publish, through the router and the workers, along the demo's chain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+from tests.conftest import wait_for
+from tests.integration.conftest import ROOT, Stack
+
+MODULES = "tests.integration.chain_app,tests.integration.span_capture"
+H = "tests.integration.chain_app."
+
+# Runs in its own process, so the SDK provider it installs stays out of the test process.
+PUBLISHER = """
+import json, sys
+from opentelemetry import trace
+from tests.integration import span_capture
+from project.events import event_bus
+
+with trace.get_tracer("checkout").start_as_current_span("POST /birth-data") as root:
+    event_id = event_bus.publish_sync("user.birth_data.updated", {"user_id": 7})
+print(json.dumps({"event_id": event_id, "in_memory": [s.name for s in span_capture.exporter.get_finished_spans()]}))
+"""
+
+
+def _spans(stack: Stack, count: int) -> list[dict[str, Any]]:
+    key = f"{stack.prefix}:test:spans"
+    wait_for(lambda: stack.redis.llen(key) >= count, timeout_s=60, what=f"{count} spans")
+    return [json.loads(raw) for raw in stack.redis.lrange(key, 0, -1)]
+
+
+def _publish(stack: Stack) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", PUBLISHER],
+        cwd=ROOT,
+        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _start(stack: Stack, **extra_env: str) -> None:
+    stack.env["EVENT_HANDLER_MODULES"] = MODULES
+    stack.start_worker(queues="chain", concurrency=2, **extra_env)
+    stack.start_router()
+
+
+def test_the_demo_chain_forms_one_trace_from_the_publishing_span(stack: Stack) -> None:
+    _start(stack)
+    published = _publish(stack)
+    assert published["in_memory"] == ["send user.birth_data.updated", "POST /birth-data"]
+
+    # root, 3 sends, 3 handler runs
+    spans = _spans(stack, 7)
+    assert len({s["trace_id"] for s in spans}) == 1, spans
+    by_name = {(s["name"], s["attributes"].get("messaging.destination.subscription.name")): s for s in spans}
+    assert len(by_name) == 7, sorted(by_name)
+    root = by_name[("POST /birth-data", None)]
+    send_birth = by_name[("send user.birth_data.updated", None)]
+    recalculate = by_name[("process user.birth_data.updated", H + "recalculate")]
+    invalidate = by_name[("process user.birth_data.updated", H + "invalidate_user")]
+    send_profile = by_name[("send module.profile.calculated", None)]
+    on_profile = by_name[("process module.profile.calculated", H + "on_profile")]
+    send_synthesis = by_name[("send synthesis.completed", None)]
+
+    assert root["parent_id"] is None
+    assert send_birth["parent_id"] == root["span_id"]
+    assert recalculate["parent_id"] == send_birth["span_id"]
+    assert invalidate["parent_id"] == send_birth["span_id"]
+    assert send_profile["parent_id"] == recalculate["span_id"]
+    assert on_profile["parent_id"] == send_profile["span_id"]
+    assert send_synthesis["parent_id"] == on_profile["span_id"]
+
+    assert send_birth["kind"] == "PRODUCER"
+    assert send_birth["attributes"] == {
+        "messaging.system": "eventbus",
+        "messaging.destination.name": "user.birth_data.updated",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.message.id": published["event_id"],
+    }
+    assert recalculate["kind"] == "CONSUMER"
+    assert recalculate["status"] == "UNSET"
+    assert recalculate["attributes"] == {
+        "messaging.system": "eventbus",
+        "messaging.destination.name": "user.birth_data.updated",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "handle",
+        "messaging.message.id": published["event_id"],
+        "messaging.destination.subscription.name": H + "recalculate",
+        "messaging.consumer.group.name": "chain",
+        "messaging.message.conversation_id": published["event_id"],
+    }
+    # The event the handler published is the message of the next hop, in the same conversation.
+    assert on_profile["attributes"]["messaging.message.id"] == send_profile["attributes"]["messaging.message.id"]
+    assert on_profile["attributes"]["messaging.message.conversation_id"] == published["event_id"]
+    rows = stack.wait_query(
+        "SELECT event_type FROM events_log ORDER BY hops", until=lambda rows: len(rows) == 3, timeout_s=30
+    )
+    assert [r.event_type for r in rows] == [
+        "user.birth_data.updated",
+        "module.profile.calculated",
+        "synthesis.completed",
+    ]
+
+
+def test_celerys_own_instrumentation_joins_the_same_trace(stack: Stack) -> None:
+    _start(stack, TEST_CELERY_INSTRUMENTATION="1")
+    _publish(stack)
+    # root, 3 sends, 3 handler runs, and Celery's 3 run/<task> spans
+    spans = _spans(stack, 10)
+    assert len({s["trace_id"] for s in spans}) == 1, spans
+    kinds = Counter(s["name"].split(" ")[0].split("/")[0] for s in spans)
+    assert kinds == {"POST": 1, "send": 3, "process": 3, "run": 3}
+    by_id = {s["span_id"]: s for s in spans}
+    for span in spans:
+        if span["name"].startswith("process "):
+            celery_run = by_id[span["parent_id"]]
+            assert celery_run["name"] == "run/" + span["attributes"]["messaging.destination.subscription.name"]
+            assert by_id[celery_run["parent_id"]]["name"].startswith("send ")

@@ -1,0 +1,75 @@
+"""Trace context in the envelope, and when the SDK is set up: no SDK provider in this process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from project.envelope import decode_envelope, encode_envelope
+from project.errors import MalformedEnvelope
+from project.observability import otel_sdk, tracing
+from project.settings import Settings
+
+TRACE_ID, SPAN_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+
+
+def _encode() -> dict[str, object]:
+    _, encoded = encode_envelope("user.created", {}, user_id=1, module="m", max_bytes=65536, max_hops=16)
+    envelope: dict[str, object] = json.loads(encoded)
+    return envelope
+
+
+def test_an_envelope_published_outside_a_span_has_no_trace_fields() -> None:
+    assert not tracing.active()
+    envelope = _encode()
+    assert "traceparent" not in envelope
+    assert "tracestate" not in envelope
+
+
+def test_an_envelope_published_inside_a_span_carries_its_w3c_context() -> None:
+    parent = SpanContext(TRACE_ID, SPAN_ID, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        envelope = _encode()
+    finally:
+        context.detach(token)
+    assert envelope["traceparent"] == f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
+    assert decode_envelope(json.dumps(envelope), 65536).traceparent == envelope["traceparent"]
+
+
+def test_the_router_accepts_envelopes_with_and_without_trace_fields_and_refuses_a_bad_one() -> None:
+    envelope = _encode()
+    assert decode_envelope(json.dumps(envelope), 65536).traceparent is None
+    traced = {**envelope, "traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01", "tracestate": "vendor=1"}
+    assert decode_envelope(json.dumps(traced), 65536).tracestate == "vendor=1"
+    with pytest.raises(MalformedEnvelope, match="traceparent"):
+        decode_envelope(json.dumps({**envelope, "traceparent": "not-a-trace"}), 65536)
+
+
+def test_spans_are_made_only_with_a_real_tracer_provider() -> None:
+    with tracing.publish_span("user.created") as span:
+        assert span is None
+    with tracing.handler_span({"event_type": "user.created"}, "h", "q") as span:
+        assert span is None
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({}, []),
+        ({"otel_traces_exporter": "none"}, []),
+        ({"otel_traces_exporter": "console,otlp"}, ["console", "otlp"]),
+        ({"otel_exporter_otlp_endpoint": "http://collector:4318"}, ["otlp"]),
+        ({"otel_exporter_otlp_traces_endpoint": "http://c:4318/v1/traces", "otel_sdk_disabled": True}, []),
+    ],
+)
+def test_otel_variables_decide_what_is_exported(env: dict[str, object], names: list[str]) -> None:
+    assert otel_sdk.exporter_names(Settings(**env)) == names  # type: ignore[arg-type]
+
+
+def test_without_otel_variables_no_sdk_is_installed() -> None:
+    assert otel_sdk.configure(Settings(), service_name="test") is False
+    assert not tracing.active()
