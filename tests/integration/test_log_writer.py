@@ -195,7 +195,8 @@ def test_shed_records_are_reported_once_per_interval_and_kept(stack: Stack, capl
 
     thread.start()
     try:
-        wait_for(lambda: writer._next_shed_report_at > 0, what="the first check")
+        # The loop made its consumer group just before its first chores (the shed check among them).
+        wait_for(lambda: stack.redis.exists(writer.keys.log_buffer), what="the writer's loop to start")
         assert reports() == []  # nothing shed, nothing said
         stack.redis.hincrby(writer.keys.log_shed, "e", 7)
         stack.redis.hincrby(writer.keys.log_shed, "d", 3)
