@@ -175,10 +175,11 @@ class PrivateRedis:
         binds: tuple[str, ...] = ("127.0.0.1",),
         appendonly: bool = False,
         appendfsync: str = "everysec",
+        directory: Path | None = None,
         extra: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
-        self.dir = workdir / f"redis-{self.port}"
+        self.dir = directory or workdir / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.binds = binds
         self.argv = [
@@ -248,6 +249,56 @@ class PrivateRedis:
         """The server's log file."""
         path = self.dir / "redis.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+# -- a disk that can lose power -------------------------------------------------------
+
+
+class CrashableDisk:
+    """An ext4 filesystem on a loop device whose power can be cut.
+
+    A process crash loses nothing a program wrote: the kernel holds it. A power cut loses
+    what the kernel had not written to the device yet. :meth:`power_cut` copies the device's
+    backing file (what reached the "disk") while the writer is frozen, then mounts that copy
+    at the same place: the filesystem as it would come back after the cut.
+    """
+
+    def __init__(self, workdir: Path, size_mb: int = 64) -> None:
+        self.image = workdir / "disk.img"
+        self.mountpoint = workdir / "disk"
+        self.size_mb = size_mb
+        self.loop: str | None = None
+
+    def create(self) -> CrashableDisk:
+        """Make, attach and mount the filesystem."""
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        sh("truncate", "-s", f"{self.size_mb}M", str(self.image))
+        sh("mkfs.ext4", "-q", "-F", str(self.image))
+        self._mount(self.image)
+        return self
+
+    def _mount(self, image: Path) -> None:
+        self.loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+        sh("mount", self.loop, str(self.mountpoint))
+
+    def _unmount(self) -> None:
+        if self.loop is not None:
+            sh("umount", str(self.mountpoint), check=False)
+            sh("losetup", "-d", self.loop, check=False)
+            self.loop = None
+
+    def power_cut(self) -> None:
+        """Keep only what reached the device, as a power cut would (freeze the writers first)."""
+        crashed = self.image.with_name("disk-after-cut.img")
+        with self.image.open("rb") as src, crashed.open("wb") as dst:  # the device, as it is now
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        self._unmount()
+        self._mount(crashed)  # ext4 replays its journal, like a reboot
+
+    def destroy(self) -> None:
+        """Unmount and detach (idempotent)."""
+        self._unmount()
 
 
 # -- a worker host cut off by a network namespace -------------------------------------
@@ -739,6 +790,12 @@ class Lab:
         server = PrivateRedis(self.workdir, **kwargs)
         self._cleanups.append(server.stop)
         return server.start()
+
+    def crashable_disk(self) -> CrashableDisk:
+        """An ext4 filesystem on a loop device that :meth:`CrashableDisk.power_cut` can crash."""
+        disk = CrashableDisk(self.workdir)
+        self._cleanups.append(disk.destroy)
+        return disk.create()
 
     def netns(self) -> NetnsHost:
         """Create a network namespace joined to the host by a veth pair."""

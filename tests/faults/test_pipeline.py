@@ -93,4 +93,4 @@ def test_postgresql_refusing_connections_under_load_delays_rows_and_loses_none(s
     finally:
         pg_admin(f"ALTER DATABASE {stack.database} WITH ALLOW_CONNECTIONS true")
     publisher.join()
-    check(stack, timeout_s=120)
+    check(stack, timeout_s=90)
