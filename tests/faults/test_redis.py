@@ -123,10 +123,16 @@ def test_worker_host_cut_off_from_redis_for_30s_then_reconnected(lab: Lab) -> No
 
 CRASHES = [
     pytest.param("always", "process", id="always-process-killed"),
-    pytest.param("always", "host", id="always-power-cut"),
     pytest.param("everysec", "process", id="everysec-process-killed"),
-    pytest.param("everysec", "host", id="everysec-power-cut"),
 ]
+# The power-cut variants mount an ext4 image on a loop device; a run killed or timed out
+# mid-scenario can leave that mount busy on the machine, which then fails later test runs'
+# cleanup. So they run only when asked for: FAULTS_POWER_CUT=1.
+if os.environ.get("FAULTS_POWER_CUT") == "1":
+    CRASHES += [
+        pytest.param("always", "host", id="always-power-cut"),
+        pytest.param("everysec", "host", id="everysec-power-cut"),
+    ]
 
 
 @pytest.mark.timeout(180)
