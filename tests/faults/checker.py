@@ -58,6 +58,9 @@ class Verdict:
     dead: int = 0
     rejected: int = 0
     lost_events: list[str] = field(default_factory=list)
+    # What ``lost`` is made of: events not on record, deliveries without a row, deliveries
+    # never final, deliveries final without their run or effect.
+    lost_kinds: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -335,6 +338,7 @@ def _judge(
         row = snap.deliveries.get(pair)
         if row is None:
             lost_deliveries += 1
+            v.lost_kinds["delivery without a row"] += 1
             if not allow_lost:
                 problems.append(f"delivery {pair} has no row in event_deliveries")
             continue
@@ -344,6 +348,7 @@ def _judge(
         v.rejected += status == "rejected"
         if status not in FINAL and allow_lost:
             lost_deliveries += 1
+            v.lost_kinds[f"delivery left {status}"] += 1
         elif status != want.status:
             problems.append(
                 f"delivery {pair} is {status!r} (attempts {attempts}, error {error!r:.200}), expected {want.status!r}"
@@ -356,6 +361,7 @@ def _judge(
         if status == "succeeded" and n_runs == 0 and not allow_lost:  # counters live in the Redis that lost data
             problems.append(f"delivery {pair} is 'succeeded' but its handler never ran")
             lost_deliveries += 1
+            v.lost_kinds["succeeded without a run"] += 1
         if not allow_lost and attempts is not None and n_runs > attempts:
             problems.append(f"delivery {pair} ran {n_runs} times but {attempts} attempts are on record")
         if route.kind == "plain":
@@ -369,9 +375,12 @@ def _judge(
                 v.run_twice += n_effects - wanted
             elif n_effects < wanted:
                 lost_deliveries += 1
+                v.lost_kinds["succeeded without its effect"] += 1
         if status == "succeeded" and (attempts or 0) < 1:
             problems.append(f"delivery {pair} succeeded with attempts={attempts}")
     v.lost = len(v.lost_events) + lost_deliveries
+    if v.lost_events:
+        v.lost_kinds["event not on record"] = len(v.lost_events)
     if v.run_twice > budget:
         problems.append(f"handlers ran {v.run_twice} extra times; the scenario's faults explain {budget}")
 

@@ -292,13 +292,19 @@ class CrashableDisk:
         crashed = self.image.with_name("disk-after-cut.img")
         with self.image.open("rb") as src, crashed.open("wb") as dst:  # the device, as it is now
             while chunk := src.read(1 << 20):
-                dst.write(chunk)
+                if chunk.count(0) == len(chunk):
+                    dst.seek(len(chunk), os.SEEK_CUR)  # keep it sparse
+                else:
+                    dst.write(chunk)
+            dst.truncate()
         self._unmount()
         self._mount(crashed)  # ext4 replays its journal, like a reboot
 
     def destroy(self) -> None:
-        """Unmount and detach (idempotent)."""
+        """Unmount, detach and delete the images (idempotent)."""
         self._unmount()
+        for image in (self.image, self.image.with_name("disk-after-cut.img")):
+            image.unlink(missing_ok=True)
 
 
 # -- a worker host cut off by a network namespace -------------------------------------
