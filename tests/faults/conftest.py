@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Lab, Stack, create_template, drop_database, sh, sweep_stale_netns
+from tests.faults.harness import (
+    Lab,
+    Stack,
+    create_template,
+    drop_database,
+    forget_run,
+    sh,
+    sweep_stale_disks,
+    sweep_stale_netns,
+    sweep_stale_processes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +31,13 @@ pytestmark = pytest.mark.integration
 def fault_template() -> Iterator[str]:
     """A database migrated to head with the suite's effects table, copied by every stack."""
     name = f"eventbus_ftmpl_{os.getpid()}"
+    sweep_stale_processes()
     sweep_stale_netns()
+    sweep_stale_disks()
     create_template(name)
     yield name
     drop_database(name)
+    forget_run()
 
 
 @pytest.fixture

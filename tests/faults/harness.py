@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -263,9 +265,16 @@ class CrashableDisk:
     at the same place: the filesystem as it would come back after the cut.
     """
 
-    def __init__(self, workdir: Path, size_mb: int = 64) -> None:
-        self.image = workdir / "disk.img"
-        self.mountpoint = workdir / "disk"
+    _count = 0
+
+    def __init__(self, size_mb: int = 64) -> None:
+        # Outside pytest's tmp_path, named after this process: a run killed before its
+        # cleanup leaves a mount that sweep_stale_disks() finds and removes, and pytest's own
+        # rotation of old tmp_path directories never meets a mounted filesystem.
+        CrashableDisk._count += 1
+        self.dir = DISK_ROOT / f"{os.getpid()}-{CrashableDisk._count}"
+        self.image = self.dir / "disk.img"
+        self.mountpoint = self.dir / "disk"
         self.size_mb = size_mb
         self.loop: str | None = None
 
@@ -283,7 +292,8 @@ class CrashableDisk:
 
     def _unmount(self) -> None:
         if self.loop is not None:
-            sh("umount", str(self.mountpoint), check=False)
+            if sh("umount", str(self.mountpoint), check=False).returncode != 0:
+                sh("umount", "-l", str(self.mountpoint), check=False)
             sh("losetup", "-d", self.loop, check=False)
             self.loop = None
 
@@ -303,8 +313,33 @@ class CrashableDisk:
     def destroy(self) -> None:
         """Unmount, detach and delete the images (idempotent)."""
         self._unmount()
-        for image in (self.image, self.image.with_name("disk-after-cut.img")):
-            image.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+DISK_ROOT = Path(tempfile.gettempdir()) / "eventbus-fault-disks"
+
+
+def sweep_stale_disks() -> None:
+    """Remove the crashable disks of runs that died before cleaning up: stop the servers still
+    working in them, unmount, detach their loop devices, delete the images."""
+    if not DISK_ROOT.is_dir():
+        return
+    mounted = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if len(line.split()) > 1}
+    for run in DISK_ROOT.iterdir():
+        creator = run.name.split("-", 1)[0]
+        if not creator.isdigit() or pid_alive(int(creator)):
+            continue
+        mountpoint = run / "disk"
+        for proc in Path("/proc").iterdir():  # a private redis-server chdir'ed into the disk
+            with contextlib.suppress(OSError, ValueError):
+                if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(mountpoint):
+                    os.kill(int(proc.name), signal.SIGKILL)
+        if str(mountpoint) in mounted:
+            sh("umount", "-l", str(mountpoint), check=False)
+        for image in run.glob("*.img"):
+            for line in sh("losetup", "-j", str(image), check=False).stdout.splitlines():
+                sh("losetup", "-d", line.split(":", 1)[0], check=False)
+        shutil.rmtree(run, ignore_errors=True)
 
 
 # -- a worker host cut off by a network namespace -------------------------------------
@@ -595,13 +630,14 @@ class Stack:
         env = {**os.environ, **self.env, **extra_env}
         with self.log_path(name).open("ab") as out:
             popen = subprocess.Popen(
-                netns.wrap(argv) if netns else argv,
+                _die_with_parent(netns.wrap(argv) if netns else argv),
                 cwd=ROOT,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: teardown kills pool children too
             )
+        _remember_group(popen.pid)
         proc = self.procs[name] = Proc(name, role, popen, self.log_path(name))
         if ready is not None:
             wait_for(
@@ -733,6 +769,43 @@ class Stack:
                 self._bus.close()
 
 
+RUNS_ROOT = Path(tempfile.gettempdir()) / "eventbus-fault-runs"
+
+
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that it is SIGKILLed when the test process dies, however it dies
+    (util-linux ``setpriv --pdeathsig``; it survives the exec). Pool children are covered by
+    :func:`sweep_stale_processes` at the next run."""
+    if shutil.which("setpriv") is None:
+        return argv
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+
+
+def _remember_group(pgid: int) -> None:
+    """Note a process group this run started, for sweep_stale_processes() should the run die."""
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    with (RUNS_ROOT / str(os.getpid())).open("a") as f:
+        f.write(f"{pgid}\n")
+
+
+def sweep_stale_processes() -> None:
+    """Kill the process groups (pool children included) of runs that died before their teardown."""
+    if not RUNS_ROOT.is_dir():
+        return
+    for record in RUNS_ROOT.iterdir():
+        if not record.name.isdigit() or pid_alive(int(record.name)):
+            continue
+        for line in record.read_text().split():
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                os.killpg(int(line), signal.SIGKILL)
+        record.unlink(missing_ok=True)
+
+
+def forget_run() -> None:
+    """This run ended cleanly: its record of process groups is not needed any more."""
+    (RUNS_ROOT / str(os.getpid())).unlink(missing_ok=True)
+
+
 def _killpg(proc: Proc) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the pid
@@ -799,7 +872,7 @@ class Lab:
 
     def crashable_disk(self) -> CrashableDisk:
         """An ext4 filesystem on a loop device that :meth:`CrashableDisk.power_cut` can crash."""
-        disk = CrashableDisk(self.workdir)
+        disk = CrashableDisk()
         self._cleanups.append(disk.destroy)
         return disk.create()
 
@@ -861,7 +934,9 @@ def _forget_keys(redis_url: str, prefix: str) -> None:
 def laboratory(workdir: Path) -> Iterator[Lab]:
     """A :class:`Lab` with its own template database, for use outside pytest (the soak)."""
     template = f"eventbus_ftmpl_{os.getpid()}"
+    sweep_stale_processes()
     sweep_stale_netns()
+    sweep_stale_disks()
     create_template(template)
     lab = Lab(workdir, template)
     try:
@@ -871,3 +946,4 @@ def laboratory(workdir: Path) -> Iterator[Lab]:
             lab.close()
         finally:
             drop_database(template)
+            forget_run()
