@@ -69,6 +69,12 @@ def test_redis_connections_killed_every_few_ms_lose_nothing_and_apply_nothing_tw
         wait_for(lambda: time.monotonic() > until or _runs_despite_kills(stack) >= 240, timeout_s=30, interval_s=0.1)
     finally:
         killer.stop()
+    # kombu's Redis transport can be left consuming nothing after its connections were killed
+    # mid-command, while the worker process stays up. In production a liveness check restarts
+    # such a worker (compose's healthcheck runs `celery inspect ping`); do what it would do.
+    # Nothing it held is lost: the reconciler and the visibility timeout send it again.
+    stack.stop("worker")
+    stack.start_worker("worker-after", concurrency=2)
     print(
         f"connection kills: {killer.killed} connections in {killer.rounds} rounds; "
         f"publish retries: {stack.publish_retries}; untyped publish errors: {len(stack.raw_publish_errors)}"
@@ -180,3 +186,5 @@ def test_redis_crash_then_restart_on_its_aof(lab: Lab, fsync: str, crash: str) -
     assert len(verdict.lost_events) == len(lost), "an event published after the restart was lost"
     if not lossy:
         assert verdict.lost == 0
+    # A loss is only excused by writes Redis itself forgot (a power cut under everysec).
+    assert forgot > 0 or verdict.lost == 0, f"Redis forgot nothing, yet the system lost {dict(verdict.lost_kinds)}"
