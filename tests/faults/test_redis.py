@@ -168,6 +168,10 @@ def test_redis_crash_then_restart_on_its_aof(lab: Lab, fsync: str, crash: str) -
         crashed_at = time.time()
     acknowledged = set(publisher.ids)  # Redis is gone: this cannot grow until the restart
     server.start()
+    # kombu can leave a worker consuming nothing after its Redis restarted; production's
+    # liveness check (compose: `celery inspect ping`) restarts it. Do what it would do.
+    stack.stop("worker")
+    stack.start_worker("worker-after", concurrency=2)
     # What Redis itself forgot: publish stores each event with its dedup key, in one script.
     pipe = stack.redis.pipeline(transaction=False)
     for eid in sorted(acknowledged):
