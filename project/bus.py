@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 import redis.asyncio
+from pydantic import BaseModel
 
 from project.context import current_outbox
+from project.contracts import M, Upcaster, contracts, handler_model, load_contract_modules
+from project.contracts import event as contract_event
+from project.contracts import upcaster as contract_upcaster
 from project.envelope import encode_envelope
-from project.errors import InvalidSubscription, PublishOutcomeUnknown, PublishRefused
+from project.errors import InvalidContract, InvalidEventData, InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys
 from project.observability import metrics
 from project.observability.tracing import publish_span
-from project.patterns import validate_pattern
+from project.patterns import PatternTrie, validate_pattern
 from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
 
@@ -49,6 +53,10 @@ redis.call('PUBLISH', ARGV[2], ARGV[1])
 return id
 """
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+
+# Set by the test kit (project.testing) for a test's duration: every bus of the process hands
+# its encoded events here instead of to Redis. Called (event_type, event_id, envelope JSON).
+_capture: Callable[[str, str, str], str] | None = None
 
 
 def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exception:
@@ -85,6 +93,7 @@ class EventBus:
         self._target: tuple[str, int] | None = None
         self._channel_prefix = ""
         self._dedup_prefix = ""
+        self._contracts_loaded = False
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
             weakref.WeakKeyDictionary()
         )
@@ -103,7 +112,7 @@ class EventBus:
 
     async def publish(
         self,
-        event_type: str,
+        event_type: str | BaseModel,
         data: Mapping[str, Any] | None = None,
         *,
         user_id: str | int | uuid.UUID | None = None,
@@ -112,15 +121,20 @@ class EventBus:
     ) -> str:
         """Publish an event and return its event_id once Redis holds it.
 
-        Never waits for a handler. ``user_id`` may also arrive inside ``data``. Called from
+        ``publish("cosmic.solar_storm.detected", {...})`` or ``publish(SolarStormDetected(...))``:
+        data of an event type with a contract (:mod:`project.contracts`) is validated against
+        its model, the latest version for a dict, the instance's own for a model. Never waits
+        for a handler. ``user_id`` may also arrive inside ``data``. Called from
         inside a handler, the new event carries causation_id, correlation_id and hops + 1.
         Publishing is idempotent per ``event_id`` within ``EVENTS_DEDUP_WINDOW_S``: give the
         id of an earlier call (``PublishOutcomeUnknown.event_id``) to retry it safely.
 
         Raises:
             InvalidEventName: the name is not 2 to 4 lower-case snake_case segments.
-            InvalidEventData: data is not a dict, names a different user_id, holds a NUL
-                character, or another envelope field is invalid (an event_id that is no UUID).
+            InvalidEventData: data is not a dict, does not satisfy the event type's contract
+                (the message and ``errors`` name the fields), names a different user_id,
+                holds a NUL character, or another envelope field is invalid (an event_id
+                that is no UUID).
             PayloadNotSerializable: data cannot be encoded as JSON.
             PayloadTooLarge: the event is over ``EVENTS_MAX_DATA_BYTES``.
             HopLimitExceeded: the chain is longer than ``EVENTS_MAX_HOPS``.
@@ -128,14 +142,17 @@ class EventBus:
             PublishOutcomeUnknown: the connection broke; the event may be stored. Retry with
                 its ``event_id``.
         """
+        event_type, data, version = self._typed(event_type, data)
         with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
             if span is not None:
                 span.set_attribute("messaging.message.id", event_id)
             outbox = current_outbox()
             if outbox is not None:  # inside an exactly-once block: sent after its commit
                 outbox.append((event_type, event_id, encoded))
                 return event_id
+            if _capture is not None:  # the test kit's in-memory bus (project.testing)
+                return _capture(event_type, event_id, encoded)
             client, args = self._async_client(), self._script_args(event_type, event_id, encoded)
             try:
                 try:
@@ -150,7 +167,7 @@ class EventBus:
 
     def publish_sync(
         self,
-        event_type: str,
+        event_type: str | BaseModel,
         data: Mapping[str, Any] | None = None,
         *,
         user_id: str | int | uuid.UUID | None = None,
@@ -158,8 +175,9 @@ class EventBus:
         event_id: str | uuid.UUID | None = None,
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
+        event_type, data, version = self._typed(event_type, data)
         with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id)
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
             if span is not None:
                 span.set_attribute("messaging.message.id", event_id)
             outbox = current_outbox()
@@ -174,6 +192,8 @@ class EventBus:
         Raises:
             PublishRefused, PublishOutcomeUnknown: as :meth:`publish`.
         """
+        if _capture is not None:  # the test kit's in-memory bus (project.testing)
+            return _capture(event_type, event_id, encoded)
         client, args = self.sync_client(), self._script_args(event_type, event_id, encoded)
         try:
             try:
@@ -200,6 +220,21 @@ class EventBus:
             self._target = (keys.stream, self.settings.events_dedup_window_s)
         return self._target
 
+    def _typed(
+        self, event: str | BaseModel, data: Mapping[str, Any] | None
+    ) -> tuple[str, Mapping[str, Any] | None, int | None]:
+        """``(event_type, data, version)``: a model instance becomes its contract's type and data."""
+        if not self._contracts_loaded:
+            load_contract_modules(self.settings.event_contract_modules, required=False)
+            self._contracts_loaded = True
+        if isinstance(event, BaseModel):
+            if data is not None:
+                raise InvalidEventData(
+                    f"publish({type(event).__qualname__}(...)) carries its data in the model: do not pass data too"
+                )
+            return contracts.of_instance(event)
+        return event, data, None
+
     def _encode(
         self,
         event_type: str,
@@ -207,8 +242,19 @@ class EventBus:
         user_id: Any,
         module: str | None,
         event_id: str | uuid.UUID | None = None,
+        version: int | None = None,
     ) -> tuple[str, str]:
         s = self.settings
+        if version is None:
+            paths = s.event_contract_modules
+
+            def check(event_type: str, data: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+                return contracts.outgoing(event_type, data, within=paths)
+        else:  # a model instance, validated by _typed against its own version
+
+            def check(event_type: str, data: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+                return dict(data), version
+
         return encode_envelope(
             event_type,
             data,
@@ -217,6 +263,7 @@ class EventBus:
             max_bytes=s.events_max_data_bytes,
             max_hops=s.events_max_hops,
             event_id=event_id,
+            contract=check,
         )
 
     def sync_client(self) -> redis.Redis:
@@ -401,6 +448,7 @@ class EventBus:
                 f"soft_time_limit_s ({soft_time_limit_s}) must be below time_limit_s ({time_limit_s}): "
                 "the soft limit warns the handler, the hard one kills it"
             )
+        model = self._handler_model(handler, name, patterns)
         sub = Subscription(
             name=name,
             patterns=patterns,
@@ -412,9 +460,46 @@ class EventBus:
             backoff_max_s=s.delivery_backoff_max_s if backoff_max_s is None else float(backoff_max_s),
             time_limit_s=time_limit_s,
             soft_time_limit_s=soft_time_limit_s,
+            model=model,
         )
         self.registry.add(sub)
         return sub
+
+    @staticmethod
+    def _handler_model(handler: Callable[..., Any], name: str, patterns: tuple[str, ...]) -> type[BaseModel] | None:
+        try:
+            model = handler_model(handler)
+        except InvalidContract as exc:
+            raise InvalidSubscription(str(exc)) from None
+        contract = None if model is None else contracts.for_model(model)
+        if contract is not None:
+            trie: PatternTrie[str] = PatternTrie()
+            for p in patterns:
+                trie.insert(p, p)
+            if not trie.match(contract.event_type):
+                raise InvalidSubscription(
+                    f"handler {name} takes Event[{contract.model.__qualname__}], the contract of "
+                    f"{contract.event_type!r}, but none of its patterns {list(patterns)} matches that event type"
+                )
+        return model
+
+    # -- contracts --------------------------------------------------------------------
+
+    @staticmethod
+    def event(event_type: str, *, version: int = 1) -> Callable[[M], M]:
+        """Class decorator: declare a pydantic model as the data of ``event_type`` at ``version``.
+
+        See :mod:`project.contracts`. Contracts are process-wide: every bus sees them.
+
+        Raises:
+            InvalidContract: a bad name or version, or another model holds that version.
+        """
+        return contract_event(event_type, version=version)
+
+    @staticmethod
+    def upcaster(event_type: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Function decorator: turn data of ``event_type`` at ``from_version`` into the next version's."""
+        return contract_upcaster(event_type, from_version=from_version)
 
     # -- modules ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-__all__ = ["Cause", "Outbox", "collecting", "current_cause", "current_outbox", "handling"]
+__all__ = ["Cause", "Outbox", "collecting", "current_cause", "current_outbox", "derived_event_id", "handling"]
 
 # Fixed namespace: a handler that runs again publishes the same event ids.
 _PUBLISH_NAMESPACE = uuid.UUID("0c3b7f0e-6a51-4f7e-8f2a-2f5d3c1e9a44")
@@ -35,7 +35,12 @@ class Cause:
         if self.delivery_id is None:
             return None
         self.published += 1
-        return str(uuid.uuid5(_PUBLISH_NAMESPACE, f"{self.delivery_id}/{self.published}"))
+        return derived_event_id(self.delivery_id, self.published)
+
+
+def derived_event_id(delivery_id: str, n: int) -> str:
+    """The id of the ``n``-th event (from 1) published by the handler run ``delivery_id``."""
+    return str(uuid.uuid5(_PUBLISH_NAMESPACE, f"{delivery_id}/{n}"))
 
 
 _cause: ContextVar[Cause | None] = ContextVar("eventbus_cause", default=None)

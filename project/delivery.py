@@ -11,7 +11,8 @@ explicit ids on every path, hard time limits included:
 - ``on_success``: mark it done, so every later copy is skipped, and release the lease.
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
   with the same task id), or after the last attempt mark it dead and publish
-  ``module.error``.
+  ``module.error``. Data that its handler's contract refuses (``ContractViolation``) is
+  dead at once: a retry would see the same data.
 
 A worker process lost mid-task (OOM kill, segfault) has its message requeued by Celery
 (``reject_on_worker_lost``); the next start counts that attempt. Recording is not done here:
@@ -33,21 +34,36 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
+from pydantic import BaseModel, Field
 
 from project.bus import EventBus
 from project.context import handling
-from project.errors import DeliveryExhausted
+from project.contracts import event as contract_event
+from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.lease import keeper, new_token
 from project.observability import metrics
 from project.observability.tracing import handler_span
 from project.registry import Subscription
 
-__all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "backoff_s", "register_tasks", "route_task"]
+__all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "ModuleError", "backoff_s", "register_tasks", "route_task"]
 
 log = logging.getLogger("eventbus.delivery")
 
 MODULE_ERROR = "module.error"
+
+
+@contract_event(MODULE_ERROR, version=1)
+class ModuleError(BaseModel):
+    """A delivery gave up: its handler failed on every attempt, or its data broke its contract."""
+
+    handler: str = Field(description="The handler's task name.")
+    queue: str
+    event_id: str | None = Field(description="The event that was not handled.")
+    event_type: str | None
+    attempts: int = Field(ge=0, description="How many times the handler started.")
+    error: str = Field(max_length=2000, description="The last error, as repr().")
+
 
 # KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s.
 _START_LUA = """
@@ -115,6 +131,20 @@ def _run_coroutine(coro: Any) -> Any:
     if _loop is None or _loop.is_closed():
         _loop = asyncio.new_event_loop()
     return _loop.run_until_complete(coro)
+
+
+def invoke(sub: Subscription, envelope: dict[str, Any], delivery: Delivery) -> None:
+    """Call ``sub``'s handler with the event (typed by its contract), awaiting it if async.
+
+    The one place a handler is called, by the worker and by the test kit (:mod:`project.testing`).
+    Run it inside :func:`project.context.handling`, so what it publishes carries the chain.
+
+    Raises:
+        ContractViolation: the data does not fit the handler's ``Event[Model]``.
+    """
+    result = sub.handler(Event.for_handler(envelope, delivery, sub.model))
+    if inspect.isawaitable(result):
+        _run_coroutine(result)
 
 
 def backoff_s(sub: Subscription, retries: int) -> float:
@@ -205,9 +235,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 handling(event, sub.module, delivery_id=task_id),
                 handler_span(event, self.name, sub.queue, ignore=(AlreadyHandled,)),
             ):
-                result = sub.handler(Event(event, Delivery(self.bus, task_id, self.name)))
-                if inspect.isawaitable(result):
-                    _run_coroutine(result)
+                invoke(sub, event, Delivery(self.bus, task_id, self.name))
         except AlreadyHandled:
             log.info("%s[%s]: its effect was committed by an earlier copy; skipped", self.name, task_id)
             return {"task_id": task_id, "event_id": event.get("event_id"), "status": "duplicate"}
@@ -231,7 +259,8 @@ class DeliveryTask(Task):  # type: ignore[misc]
         # In the worker's main process (a hard time limit) nothing is held: the killed
         # child's lease lapses by itself, and the retry below is deferred until it has.
         token = keeper.release(keys[1]) or ""
-        final = isinstance(exc, DeliveryExhausted)
+        # No retry can help these: attempts used up, or data its contract refuses.
+        final = isinstance(exc, DeliveryExhausted | ContractViolation)
         try:
             reply: Any = client.eval(
                 _FAIL_LUA, 2, *keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST

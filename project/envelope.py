@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any
@@ -74,8 +74,12 @@ def encode_envelope(
     max_bytes: int,
     max_hops: int,
     event_id: str | uuid.UUID | None = None,
+    contract: Callable[[str, Mapping[str, Any]], tuple[dict[str, Any], int | None]] | None = None,
 ) -> tuple[str, str]:
     """Build and encode a new event; return ``(event_id, envelope_json)``.
+
+    ``contract`` (:meth:`project.contracts.Contracts.outgoing`) validates the data against
+    the event type's model and gives the version stamped in the envelope.
 
     ``user_id`` given inside ``data`` is lifted into the envelope (and left in ``data``), so
     the application's ``publish(name, {..., "user_id": uid})`` works unchanged. The envelope
@@ -97,6 +101,9 @@ def encode_envelope(
             user_id = inner
         elif inner is not None and str(inner) != str(user_id):
             raise InvalidEventData(f"user_id={user_id!r} contradicts data['user_id']={inner!r}; give one of them")
+    version = None
+    if contract is not None:
+        data, version = contract(event_type, data)
     if isinstance(user_id, uuid.UUID):
         user_id = str(user_id)
     elif user_id is not None and (not isinstance(user_id, str | int) or isinstance(user_id, bool)):
@@ -129,6 +136,7 @@ def encode_envelope(
         "causation_id": causation_id,
         "correlation_id": correlation_id,
         "hops": hops,
+        **({} if version is None else {"version": version}),
         **trace_fields(),  # only inside a recorded span: the envelope stays as it was otherwise
     }
     try:
@@ -216,6 +224,9 @@ class Envelope(BaseModel):
     causation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
     correlation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
     hops: int = Field(default=0, ge=0)
+    # The contract version the data was published as (project.contracts); absent for an
+    # event type without a contract, and in envelopes from before contracts existed.
+    version: int | None = Field(default=None, ge=1)
     # The W3C trace context of the publishing span (project.observability.tracing); optional,
     # so envelopes of earlier versions and untraced publishers are accepted as they are.
     traceparent: str | None = Field(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "ContractViolation",
     "DeliveryExhausted",
     "DuplicateHandler",
     "EventBusError",
     "HopLimitExceeded",
+    "InvalidContract",
     "InvalidEventData",
     "InvalidEventName",
     "InvalidPattern",
@@ -28,7 +32,29 @@ class InvalidEventName(EventBusError, ValueError):
 
 
 class InvalidEventData(EventBusError, ValueError):
-    """Raised when event data is not a JSON object, or contradicts the envelope (two user_ids)."""
+    """Raised when event data is not a JSON object, contradicts the envelope (two user_ids),
+    or does not satisfy its event type's contract.
+
+    ``errors`` lists pydantic's errors (``loc``, ``msg``, ``type``) when a contract refused
+    the data, so a caller can tell which field; the message names them too.
+    """
+
+    def __init__(self, message: str, *, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+    def __reduce__(self) -> Any:  # picklable across Celery's processes, errors included
+        return (_rebuild, (type(self), self.args, {"errors": self.errors}))
+
+
+class InvalidContract(EventBusError, ValueError):
+    """Raised when an event contract or upcaster is declared wrongly (a version taken twice,
+    a model that is no pydantic model, a handler annotated ``Event[X]`` with no model)."""
+
+
+class ContractViolation(EventBusError, ValueError):
+    """Raised on a worker when an event's data cannot become the model its handler is
+    annotated with (after upcasting). The delivery is ``dead`` at once: no retry would help."""
 
 
 class InvalidPattern(EventBusError, ValueError):
@@ -72,7 +98,14 @@ class PublishOutcomeUnknown(EventBusError, ConnectionError):
         super().__init__(message)
         self.event_id = event_id
 
+    def __reduce__(self) -> Any:
+        return (type(self), (*self.args, self.event_id))
+
 
 class DeliveryExhausted(EventBusError, RuntimeError):
     """Raised on a worker for a delivery that has used all its attempts without finishing
     (its process was killed or timed out each time); the delivery is then ``dead``."""
+
+
+def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+    return cls(*args, **kwargs)

@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
     import redis
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from project.bus import EventBus
 
 __all__ = ["AlreadyHandled", "Event", "LeaseLost"]
+
+# Unparametrised, ``Event`` is ``Event[dict[str, Any]]``: a handler without a contract.
+DataT = TypeVar("DataT", default=dict[str, Any])
 
 
 class AlreadyHandled(BaseException):
@@ -46,21 +51,110 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Which delivery a handler is running: the bus, the task id and the handler's name."""
+    """Which delivery a handler is running: the bus, the task id and the handler's name.
+
+    ``recorded`` is False in the test kit (:mod:`project.testing`): there is no delivery
+    record, so the exactly-once helpers keep their transaction and the after-commit sending
+    of events, without the inbox row or the done mark.
+    """
 
     bus: EventBus
     task_id: str
     handler: str
+    recorded: bool = True
 
 
-class Event(dict[str, Any]):
-    """The envelope a handler receives: a plain dict, plus the exactly-once helpers."""
+class Event(dict[str, Any], Generic[DataT]):
+    """The envelope a handler receives: a plain dict, plus typed access and the exactly-once helpers.
 
-    __slots__ = ("delivery",)
+    ``event["data"]`` is the data as a dict, as it always was. A handler annotated
+    ``event: Event[SolarStormDetected]`` (a declared contract, :mod:`project.contracts`) gets
+    ``event.data`` as that model, validated (and upcast from an older version) on the
+    worker; unannotated, ``event.data`` is the dict. The envelope's fields are attributes
+    too: ``event.event_id``, ``event.user_id``, ``event.event_type``...
+    """
 
-    def __init__(self, envelope: dict[str, Any], delivery: Delivery) -> None:
+    __slots__ = ("_model", "delivery")
+
+    def __init__(self, envelope: dict[str, Any], delivery: Delivery | None, model: Any = None) -> None:
         super().__init__(envelope)
         self.delivery = delivery
+        self._model = model
+
+    @classmethod
+    def for_handler(cls, envelope: dict[str, Any], delivery: Delivery | None, model: Any = None) -> Event[Any]:
+        """The event a handler receives: with ``model`` (its ``Event[Model]`` annotation), the
+        data upcast and validated into it.
+
+        Raises:
+            ContractViolation: the data cannot become ``model``.
+        """
+        if model is None:
+            return cls(envelope, delivery)
+        from project.contracts import contracts
+
+        instance, data = contracts.incoming(envelope, model)
+        if data is not envelope.get("data"):  # upcast: the dict shows the same version as the model
+            envelope = {**envelope, "data": data}
+            version = contracts.for_model(model)
+            if version is not None:
+                envelope["version"] = version.version
+        return cls(envelope, delivery, instance)
+
+    @property
+    def data(self) -> DataT:
+        """The data: the handler's contract model if it is annotated with one, else the dict."""
+        return self["data"] if self._model is None else self._model  # type: ignore[no-any-return]
+
+    @property
+    def event_id(self) -> str:
+        """The event's id (a UUID string)."""
+        return str(self["event_id"])
+
+    @property
+    def event_type(self) -> str:
+        """The event's name, ``scope.name[.detail]``."""
+        return str(self["event_type"])
+
+    @property
+    def user_id(self) -> str | int | None:
+        """The user the event concerns, or None for a global event."""
+        return self.get("user_id")  # type: ignore[no-any-return]
+
+    @property
+    def module(self) -> str | None:
+        """The module that published it."""
+        return self.get("module")  # type: ignore[no-any-return]
+
+    @property
+    def timestamp(self) -> str:
+        """When it was published (ISO-8601, UTC)."""
+        return str(self["timestamp"])
+
+    @property
+    def correlation_id(self) -> str:
+        """The id of the chain's root event."""
+        return str(self.get("correlation_id") or self["event_id"])
+
+    @property
+    def causation_id(self) -> str | None:
+        """The id of the event whose handler published this one, or None for a root event."""
+        return self.get("causation_id")  # type: ignore[no-any-return]
+
+    @property
+    def hops(self) -> int:
+        """How many handlers the chain went through before this event (0 for a root)."""
+        return int(self.get("hops") or 0)
+
+    @property
+    def version(self) -> int | None:
+        """The contract version it was published as, or None (an untyped event)."""
+        return self.get("version")  # type: ignore[no-any-return]
+
+    def _delivery(self) -> Delivery:
+        if self.delivery is None:
+            raise RuntimeError("this event is not being delivered to a handler: it has no delivery")
+        return self.delivery
 
     @contextmanager
     def transaction(self, engine: sa.Engine | None = None) -> Iterator[sa.Connection]:

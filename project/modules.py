@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import BaseModel
+
 from project.errors import EventBusError
 from project.registry import Subscription
 
@@ -32,12 +34,14 @@ class BaseModule:
     resolves to the same instance in every worker process.
 
     Class attributes: ``name`` (default: the class name in snake_case without ``Module``),
-    ``queue`` (default: ``name``). Set ``abstract = True`` on a base class that must not be
+    ``queue`` (default: ``name``), ``publishes`` (the event types it publishes, for the
+    catalog: ``eventbus catalog``). Set ``abstract = True`` on a base class that must not be
     instantiated.
     """
 
     name: ClassVar[str]
     queue: ClassVar[str]
+    publishes: ClassVar[tuple[str, ...]] = ()
     abstract: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -70,11 +74,15 @@ class BaseModule:
         result: Subscription = self.bus.subscribe(pattern, handler, **options)
         return result
 
-    async def publish(self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None) -> str:
+    async def publish(
+        self, event_type: str | BaseModel, data: Mapping[str, Any] | None = None, *, user_id: Any = None
+    ) -> str:
         """Publish an event as this module; see :meth:`EventBus.publish`."""
         return await self.bus.publish(event_type, data, user_id=user_id, module=self.name)
 
-    def publish_sync(self, event_type: str, data: Mapping[str, Any] | None = None, *, user_id: Any = None) -> str:
+    def publish_sync(
+        self, event_type: str | BaseModel, data: Mapping[str, Any] | None = None, *, user_id: Any = None
+    ) -> str:
         """Publish an event as this module from synchronous code."""
         return self.bus.publish_sync(event_type, data, user_id=user_id, module=self.name)
 

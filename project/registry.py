@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from pydantic import BaseModel
+
 from project.errors import DuplicateHandler
 from project.patterns import PatternTrie
 
@@ -28,6 +30,9 @@ class Subscription:
     backoff_max_s: float
     time_limit_s: float | None = None
     soft_time_limit_s: float | None = None
+    # The contract model of a handler annotated ``event: Event[Model]`` (project.contracts):
+    # its events are validated (and upcast) into it on the worker. None: the handler gets dicts.
+    model: type[BaseModel] | None = field(default=None, compare=False)
 
 
 class Registry:

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Celery queue is named under it.
     events_prefix: str = Field("events", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     event_handler_modules: Annotated[list[str], NoDecode] = ["handlers"]
+    # Packages declaring event contracts (project.contracts), imported by a process on its
+    # first publish, and by `eventbus contracts` and `eventbus catalog`. The default is
+    # skipped if the application has no `contracts` package.
+    event_contract_modules: Annotated[list[str], NoDecode] = ["contracts"]
     # Modules with the application's own Celery tasks (periodic checks, helper tasks; not its
     # handlers, which EVENT_HANDLER_MODULES names): workers and beat import them. Unset,
     # celeryconfig picks them from EVENT_HANDLER_MODULES; empty, there are none.
@@ -122,7 +126,7 @@ class Settings(BaseSettings):
             raise ValueError("DELIVERY_LEASE_S must be shorter than BROKER_VISIBILITY_TIMEOUT_S")
         return self
 
-    @field_validator("event_handler_modules", "app_task_modules", mode="before")
+    @field_validator("event_handler_modules", "event_contract_modules", "app_task_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -42,6 +42,7 @@ T = TypeVar("T")
 # Short timeouts so that every recovery path runs within a test's time.
 BASE_ENV = {
     "EVENT_HANDLER_MODULES": routes.APP,
+    "EVENT_CONTRACT_MODULES": "",  # the example application's contracts are not these apps'
     "EVENTS_MAX_HOPS": "3",
     "ROUTER_CLAIM_IDLE_MS": "1000",
     "ROUTER_BLOCK_MS": "200",

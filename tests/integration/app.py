@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, Field
 
 from project.delivery import Event
 from project.events import event_bus
@@ -166,3 +167,30 @@ def once_in_sql(event: Event) -> None:
 def _runs(event: dict[str, Any], handler: str) -> int:
     raw = event_bus.sync_client().hget(f"{event_bus.keys.prefix}:test:runs", f"{event['event_id']}:{handler}")
     return int(raw or 0)
+
+
+@event_bus.event("typed.order.placed", version=1)
+class OrderPlacedV1(BaseModel):
+    """Version 1: the total in cents."""
+
+    total_cents: int = Field(ge=0)
+
+
+@event_bus.event("typed.order.placed", version=2)
+class OrderPlaced(BaseModel):
+    """Version 2: an amount and a currency."""
+
+    amount: int = Field(ge=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+
+@event_bus.upcaster("typed.order.placed", from_version=1)
+def _order_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    return {"amount": data["total_cents"], "currency": "EUR"}
+
+
+@event_bus.subscribe("typed.order.placed", queue="gamma", max_retries=3)
+def typed_order(event: Event[OrderPlaced]) -> None:
+    """Typed: receives version 2, upcast from 1 where needed; bad data is dead at once."""
+    _count(event, "typed_order")
+    _remember({**event, "model": event.data.model_dump(), "model_type": type(event.data).__name__}, "typed_order")
