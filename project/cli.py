@@ -90,7 +90,40 @@ def cmd_log_writer(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    """Publish one event and print its event_id."""
+    """Publish one event (or a structured-mode CloudEvent, --cloudevent) and print its event_id."""
+    if args.cloudevent is not None:
+        from project.cloudevents import publish_cloudevent
+
+        given = [
+            name
+            for name, value in zip(
+                ("EVENT_TYPE", "--data", "--user", "--module"),
+                (args.event_type, args.data, args.user, args.module),
+                strict=True,
+            )
+            if value is not None
+        ]
+        if given:
+            print(f"eventbus publish: --cloudevent carries the whole event; drop {', '.join(given)}", file=sys.stderr)
+            return 2
+        try:
+            if args.cloudevent == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.cloudevent, encoding="utf-8") as file:
+                    text = file.read()
+            cloudevent = json.loads(text)
+        except OSError as exc:
+            print(f"eventbus publish: cannot read {args.cloudevent}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:  # not UTF-8, not JSON
+            print(f"eventbus publish: {args.cloudevent} is not a JSON CloudEvent: {exc}", file=sys.stderr)
+            return 2
+        print(publish_cloudevent(event_bus, cloudevent))
+        return 0
+    if args.event_type is None:
+        print("eventbus publish: give an EVENT_TYPE, or --cloudevent FILE", file=sys.stderr)
+        return 2
     try:
         data = json.loads(args.data) if args.data else None
     except json.JSONDecodeError as exc:
@@ -142,7 +175,16 @@ def cmd_tail(args: argparse.Namespace) -> int:
             continue
         if not trie.match(event_type):
             continue
-        print(message["data"].decode(), flush=True)
+        line = message["data"].decode()
+        if args.format == "cloudevents":
+            from project.cloudevents import to_cloudevent
+
+            try:
+                line = json.dumps(to_cloudevent(json.loads(line)), separators=(",", ":"))
+            except ValueError as exc:  # not JSON, or no valid envelope (InvalidEventData)
+                print(f"eventbus tail: skipped a message on {event_type!r}: {exc}", file=sys.stderr)
+                continue
+        print(line, flush=True)
         count += 1
         if args.count and count >= args.count:
             break
@@ -185,7 +227,12 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     p.set_defaults(func=cmd_log_writer)
 
     p = sub.add_parser("publish", help="publish one event")
-    p.add_argument("event_type")
+    p.add_argument("event_type", nargs="?", metavar="EVENT_TYPE", help="the event's name (not with --cloudevent)")
+    p.add_argument(
+        "--cloudevent",
+        metavar="FILE",
+        help="publish the structured-mode CloudEvent 1.0 (JSON) in FILE ('-': stdin) instead of EVENT_TYPE/--data",
+    )
     p.add_argument("--data", help="the data, a JSON object")
     p.add_argument("--user", help="the user_id the event concerns")
     p.add_argument("--module", help="the publishing module (default: cli)")
@@ -202,6 +249,12 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     p = sub.add_parser("tail", help="print live events matching PATTERN (default '#')")
     p.add_argument("pattern", nargs="?", default="#")
     p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument(
+        "--format",
+        choices=("json", "cloudevents"),
+        default="json",
+        help="print each event as its envelope (json, the default) or as a structured-mode CloudEvent 1.0",
+    )
     p.set_defaults(func=cmd_tail)
     return parser, sub
 
