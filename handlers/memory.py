@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from project.delivery import Event
+from contracts import BirthDataUpdated
+from project.event import Event
 from project.events import event_bus
 from project.modules import BaseModule
 from tasks.keys import app_keys
@@ -23,15 +24,14 @@ class ActiveWorkingMemoryModule(BaseModule):
         await super().initialize()
         self.subscribe("user.birth_data.updated", self.invalidate_user)
 
-    def invalidate_user(self, event: Event) -> None:
+    def invalidate_user(self, event: Event[BirthDataUpdated]) -> None:
         """Drop the cache of the user the event concerns."""
-        if event["user_id"] is not None:
-            with event.redis_transaction() as pipe:
-                _memory().invalidate_user(str(event["user_id"]), pipe)
+        with event.redis_transaction() as pipe:
+            _memory().invalidate_user(str(event.data.user_id), pipe)
 
 
 @event_bus.subscribe("cosmic.#", queue="memory")
-def invalidate_everyone(event: Event) -> None:
+def invalidate_everyone(event: Event) -> None:  # every cosmic.* type: the envelope dict
     """A global cosmic event changes every user's context: one O(1) generation bump.
 
     Once per event, with the delivery's done mark in the same MULTI/EXEC: a redelivered copy

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from project.delivery import Event
+from typing import Any
+
+from contracts import ProfileCalculated
+from project.event import Event
 from project.modules import BaseModule
 from tasks import synthesis
 from tasks.db import engine
@@ -12,6 +15,7 @@ class SynthesisEngineModule(BaseModule):
     """Subscribes in ``initialize()``; runs on the ``synthesis`` queue."""
 
     name = "synthesis"
+    publishes = ("synthesis.completed",)
 
     async def initialize(self) -> None:
         await super().initialize()
@@ -19,11 +23,11 @@ class SynthesisEngineModule(BaseModule):
         # '#', not '*': cosmic.solar_storm.detected has three segments.
         self.subscribe("cosmic.#", self.on_cosmic)
 
-    def on_profile(self, event: Event) -> None:
-        """One user's profile changed: synthesize that user."""
+    def on_profile(self, event: Event[ProfileCalculated]) -> None:
+        """One user's profile changed (version 1 events arrive upcast): synthesize that user."""
         self._synthesize_user(event)
 
-    def on_cosmic(self, event: Event) -> None:
+    def on_cosmic(self, event: Event) -> None:  # every cosmic.* type: the envelope dict
         """Remember the conditions; synthesize the user, or every active user in chunks."""
         # Idempotent, so outside the exactly-once block: a rerun folds the same event again.
         synthesis.fold_cosmic(event["event_type"], event["data"])
@@ -34,7 +38,7 @@ class SynthesisEngineModule(BaseModule):
             synthesis.fan_out(event)
 
     @staticmethod
-    def _synthesize_user(event: Event) -> None:
+    def _synthesize_user(event: Event[Any]) -> None:
         # The row and the delivery's "handled" record commit together; synthesis.completed
         # is sent right after the commit, so its handlers find the row.
         with event.transaction(engine()) as conn:

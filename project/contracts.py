@@ -438,8 +438,11 @@ def handler_model(handler: Callable[..., Any]) -> type[BaseModel] | None:
         try:
             hints = typing.get_type_hints(func)
         except Exception as exc:
+            if "Event[" not in annotation.replace(" ", ""):
+                return None  # e.g. a plain Event imported under TYPE_CHECKING: the dict, as always
             raise InvalidContract(
-                f"cannot resolve the annotation {annotation!r} of handler {_qualname(func)}: {exc}"
+                f"cannot resolve the annotation {annotation!r} of handler {_qualname(func)} ({exc}): "
+                "import its contract model at run time, not only under TYPE_CHECKING"
             ) from exc
         annotation = hints.get(params[0].name, annotation)
     if typing.get_origin(annotation) is not Event:

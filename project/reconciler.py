@@ -49,7 +49,7 @@ _STALE = sa.text(
     """
     SELECT d.event_id::text AS event_id, d.handler, d.queue, d.task_id::text AS task_id, d.updated_at,
            e.event_type, e.user_id, e.user_id_json, e.data, e.occurred_at, e.module,
-           e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops
+           e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops, e.version
     FROM event_deliveries d JOIN events_log e ON e.event_id = d.event_id
     WHERE d.status IN ('dispatched', 'retrying') AND d.updated_at < :before AND d.updated_at >= :after
     ORDER BY d.updated_at
@@ -62,20 +62,20 @@ _TOO_OLD = sa.text("SELECT count(*) FROM event_deliveries WHERE status = 'dispat
 
 def _envelope(row: Any) -> str:
     user_id = row.user_id_json if row.user_id_json is not None else row.user_id
-    return json.dumps(
-        {
-            "event_id": row.event_id,
-            "event_type": row.event_type,
-            "user_id": user_id,
-            "data": row.data,
-            "timestamp": row.occurred_at.isoformat(),
-            "module": row.module,
-            "causation_id": row.causation_id,
-            "correlation_id": row.correlation_id,
-            "hops": row.hops,
-        },
-        separators=(",", ":"),
-    )
+    envelope = {
+        "event_id": row.event_id,
+        "event_type": row.event_type,
+        "user_id": user_id,
+        "data": row.data,
+        "timestamp": row.occurred_at.isoformat(),
+        "module": row.module,
+        "causation_id": row.causation_id,
+        "correlation_id": row.correlation_id,
+        "hops": row.hops,
+    }
+    if row.version is not None:
+        envelope["version"] = row.version
+    return json.dumps(envelope, separators=(",", ":"))
 
 
 class Reconciler:

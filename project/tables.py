@@ -48,6 +48,7 @@ events_log = Table(
     Column("causation_id", UUID(as_uuid=False)),
     Column("correlation_id", UUID(as_uuid=False)),
     Column("hops", Integer, nullable=False, server_default="0"),
+    Column("version", Integer),  # the contract version of its data (project.contracts), or null
     UniqueConstraint("event_id", name="events_log_event_id_key"),
     Index("ix_events_log_event_type_occurred_at", "event_type", "occurred_at"),
     Index("ix_events_log_user_id", "user_id"),

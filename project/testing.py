@@ -396,6 +396,25 @@ class LiveEvents(EventRecorder):
         self._thread.join(5)
         self.bus.close()
 
+    def publish(
+        self,
+        event_type: str | BaseModel,
+        data: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | int | None = None,
+        module: str | None = "test",
+        event_id: str | None = None,
+    ) -> str:
+        """Publish to Redis, and return once the event is recorded here too (from pub/sub)."""
+        event_id = super().publish(event_type, data, user_id=user_id, module=module, event_id=event_id)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if event_id in self._events:
+                    return event_id
+            time.sleep(0.01)
+        raise EventBusError(f"event {event_id} was published but not broadcast within 10 s")
+
     def _listen(self) -> None:
         keys = self.bus.keys
         pubsub = self.bus.sync_client().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]

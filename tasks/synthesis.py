@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from celery import Task
 from sqlalchemy.dialects.postgresql import insert
 
+from contracts import SynthesisCompleted
 from project.celery_app import app
 from project.context import handling
 from project.errors import PublishOutcomeUnknown, PublishRefused
@@ -134,7 +135,7 @@ def synthesize_users(conn: sa.Connection, user_ids: list[int], cause: Mapping[st
 def publish_completed(user_ids: list[int], cause: Mapping[str, Any]) -> None:
     """Publish ``synthesis.completed`` for each user, in order (so a rerun makes the same ids)."""
     for uid in user_ids:
-        event_bus.publish_sync("synthesis.completed", {"trigger": cause["event_type"]}, user_id=uid, module="synthesis")
+        event_bus.publish_sync(SynthesisCompleted(trigger=cause["event_type"]), user_id=uid, module="synthesis")
 
 
 def _active_user_chunks(size: int) -> Iterator[list[int]]:

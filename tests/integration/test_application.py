@@ -48,6 +48,7 @@ APP_QUEUES = "solar,memory,synthesis,cosmic"
 @pytest.fixture
 def app_stack(stack: Stack) -> Stack:
     stack.env["EVENT_HANDLER_MODULES"] = "handlers"
+    stack.env["EVENT_CONTRACT_MODULES"] = "contracts"
     return stack
 
 

@@ -37,6 +37,11 @@ def test_a_typed_handler_gets_its_model_upcast_from_older_versions(stack: Stack)
         h=f"{APP}.typed_order",
     )
     assert {str(r.event_id) for r in rows} == {old, new}
+    logged = stack.wait_query(
+        "SELECT event_id::text AS event_id, version FROM events_log WHERE event_type = 'typed.order.placed'",
+        until=lambda r: len(r) == 2,
+    )
+    assert {r.event_id: r.version for r in logged} == {old: 1, new: 2}  # as published, for a rebuild
 
 
 def test_data_its_contract_refuses_is_dead_at_once_with_the_reason(stack: Stack) -> None:

@@ -46,7 +46,9 @@ def test_handler_that_always_fails_is_dead_and_module_error_is_published(stack: 
 def test_failing_module_error_handler_never_publishes_another(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
-    event_id = stack.bus().publish_sync("module.error", {"event_type": "some.other.thing"})
+    report = {"handler": "some.handler", "queue": "q", "event_id": None, "event_type": "some.other.thing",
+              "attempts": 1, "error": "RuntimeError()"}  # fmt: skip  # module.error's contract needs each
+    event_id = stack.bus().publish_sync("module.error", report)
     stack.wait_query(DELIVERIES, until=lambda r: r and r[0].status == "dead", e=event_id)
     stack.settle()
     rows = stack.query("SELECT event_type, causation_id::text FROM events_log")
