@@ -44,6 +44,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/eventbus contracts check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -256,6 +256,10 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
         help="print each event as its envelope (json, the default) or as a structured-mode CloudEvent 1.0",
     )
     p.set_defaults(func=cmd_tail)
+
+    from project.contract_commands import add_commands  # contracts lock|check, catalog
+
+    add_commands(sub)
     return parser, sub
 
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # first publish, and by `eventbus contracts` and `eventbus catalog`. The default is
     # skipped if the application has no `contracts` package.
     event_contract_modules: Annotated[list[str], NoDecode] = ["contracts"]
+    # The title of the AsyncAPI document `eventbus catalog` writes.
+    catalog_title: str = Field("eventbus", min_length=1, max_length=200)
     # Modules with the application's own Celery tasks (periodic checks, helper tasks; not its
     # handlers, which EVENT_HANDLER_MODULES names): workers and beat import them. Unset,
     # celeryconfig picks them from EVENT_HANDLER_MODULES; empty, there are none.

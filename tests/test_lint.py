@@ -1,4 +1,5 @@
-"""The code stays ruff- and mypy-clean and keeps its import contracts: the same checks as ``make lint``."""
+"""The code stays ruff- and mypy-clean, keeps its import contracts and its event contracts' lock
+(``eventbus contracts check``): the same checks as ``make lint``."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
         [sys.executable, "-m", "ruff", "format", "--check", "."],
         [sys.executable, "-m", "mypy"],
         [LINT_IMPORTS, "--no-cache"],
+        [sys.executable, "-m", "project.cli", "contracts", "check"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy", "import-contracts"],
+    ids=["ruff-check", "ruff-format", "mypy", "import-contracts", "contracts-lock"],
 )
 def test_linter_is_clean(argv: list[str]) -> None:
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=170, check=False)
