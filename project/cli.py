@@ -260,6 +260,9 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     from project.contract_commands import add_commands  # contracts lock|check, catalog
 
     add_commands(sub)
+    from project.operations import add_commands as add_operations  # redrive, replay, backfill
+
+    add_operations(sub)
     return parser, sub
 
 

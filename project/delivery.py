@@ -65,7 +65,9 @@ class ModuleError(BaseModel):
     error: str = Field(max_length=2000, description="The last error, as repr().")
 
 
-# KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s.
+# KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s. A redriven
+# delivery (project.operations) carries its own limit in 'budget': its attempts so far plus
+# a fresh max attempts, so attempts keep counting up across redrives.
 _START_LUA = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'done' or st == 'dead' then
@@ -75,7 +77,7 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'busy', redis.call('PTTL', KEYS[2])}
 end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if a >= tonumber(ARGV[3]) then
+if a >= tonumber(redis.call('HGET', KEYS[1], 'budget') or ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('DEL', KEYS[2])
@@ -114,7 +116,7 @@ if ARGV[4] ~= '1' then
   end
 end
 local st = 'retrying'
-if ARGV[4] == '1' or a >= tonumber(ARGV[2]) then st = 'dead' end
+if ARGV[4] == '1' or a >= tonumber(redis.call('HGET', KEYS[1], 'budget') or ARGV[2]) then st = 'dead' end
 redis.call('HSET', KEYS[1], 'state', st)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[2]) end

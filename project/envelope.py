@@ -227,6 +227,8 @@ class Envelope(BaseModel):
     # The contract version the data was published as (project.contracts); absent for an
     # event type without a contract, and in envelopes from before contracts existed.
     version: int | None = Field(default=None, ge=1)
+    # Set on the copy of a past event that `eventbus replay` delivers again: the original's id.
+    replay_of: str | None = Field(default=None, pattern=_UUID_RE.pattern)
     # The W3C trace context of the publishing span (project.observability.tracing); optional,
     # so envelopes of earlier versions and untraced publishers are accepted as they are.
     traceparent: str | None = Field(

@@ -117,7 +117,7 @@ def _rows(raw: bytes) -> _Rows:
         event = (event_id, str(ev["event_type"]), None if user_id is None else str(user_id),
                  None if user_id is None else json.dumps(user_id), ev.get("module"), json.dumps(ev["data"]),
                  datetime.fromisoformat(ev["timestamp"]), ev.get("causation_id"), ev.get("correlation_id"),
-                 int(ev.get("hops") or 0), ev.get("version"))  # fmt: skip
+                 int(ev.get("hops") or 0), ev.get("version"), ev.get("replay_of"))  # fmt: skip
         return _Rows(event, [_Delivery(event_id, h, q, "dispatched", 0, None, at, at) for h, q in rec.deliveries])
     if rec.status not in DELIVERY_STATUSES:
         raise ValueError(f"unknown status {rec.status!r}")
@@ -180,7 +180,7 @@ class _Batch:
 _RANK = "CASE {0}.status " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in DELIVERY_STATUSES.items()) + " ELSE 0 END"
 _INSERT_EVENTS = """
 INSERT INTO events_log (event_id, event_type, user_id, user_id_json, module, data, occurred_at, causation_id,
-                        correlation_id, hops, version)
+                        correlation_id, hops, version, replay_of)
 VALUES %s ON CONFLICT (event_id) DO NOTHING
 """
 _DELIVERY_COLUMNS = "(event_id, handler, queue, task_id, status, attempts, error, created_at, updated_at)"

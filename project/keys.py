@@ -78,6 +78,10 @@ class Keys:
         """The stream entry id an event_id was published as, for the dedup window."""
         return f"{self.prefix}:pub:{event_id}"
 
+    def replayed(self, event_id: str) -> str:
+        """Set once a replay sent the copy ``event_id`` of a past event: never sent twice."""
+        return f"{self.prefix}:replayed:{event_id}"
+
     @property
     def rejected_tasks(self) -> str:
         """Celery task messages a worker refused (unknown task), kept whole to be sent again."""

@@ -39,7 +39,7 @@ from project.messages import build_task_message
 from project.records import delivery_record
 from project.settings import Settings
 
-__all__ = ["Reconciler"]
+__all__ = ["Reconciler", "record_envelope"]
 
 log = logging.getLogger("eventbus.reconciler")
 
@@ -49,7 +49,8 @@ _STALE = sa.text(
     """
     SELECT d.event_id::text AS event_id, d.handler, d.queue, d.task_id::text AS task_id, d.updated_at,
            e.event_type, e.user_id, e.user_id_json, e.data, e.occurred_at, e.module,
-           e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops, e.version
+           e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops, e.version,
+           e.replay_of::text AS replay_of
     FROM event_deliveries d JOIN events_log e ON e.event_id = d.event_id
     WHERE d.status IN ('dispatched', 'retrying') AND d.updated_at < :before AND d.updated_at >= :after
     ORDER BY d.updated_at
@@ -60,7 +61,8 @@ _STALE = sa.text(
 _TOO_OLD = sa.text("SELECT count(*) FROM event_deliveries WHERE status = 'dispatched' AND updated_at < :after")
 
 
-def _envelope(row: Any) -> str:
+def record_envelope(row: Any) -> str:
+    """The envelope JSON of an event rebuilt from its events_log row (as the router sent it)."""
     user_id = row.user_id_json if row.user_id_json is not None else row.user_id
     envelope = {
         "event_id": row.event_id,
@@ -75,6 +77,8 @@ def _envelope(row: Any) -> str:
     }
     if row.version is not None:
         envelope["version"] = row.version
+    if getattr(row, "replay_of", None) is not None:
+        envelope["replay_of"] = row.replay_of
     return json.dumps(envelope, separators=(",", ":"))
 
 
@@ -164,7 +168,7 @@ class Reconciler:
                 task_name=row.handler,
                 task_id=row.task_id,
                 queue=row.queue,
-                envelope_json=_envelope(row),
+                envelope_json=record_envelope(row),
                 event_type=row.event_type,
                 event_id=row.event_id,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -17,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-__all__ = ["DELIVERY_STATUSES", "delivery_inbox", "event_deliveries", "events_log", "metadata"]
+__all__ = ["DELIVERY_STATUSES", "delivery_inbox", "event_deliveries", "events_log", "metadata", "operations_audit"]
 
 metadata = MetaData()
 
@@ -49,6 +50,7 @@ events_log = Table(
     Column("correlation_id", UUID(as_uuid=False)),
     Column("hops", Integer, nullable=False, server_default="0"),
     Column("version", Integer),  # the contract version of its data (project.contracts), or null
+    Column("replay_of", UUID(as_uuid=False)),  # a replay's original event (project.operations)
     UniqueConstraint("event_id", name="events_log_event_id_key"),
     Index("ix_events_log_event_type_occurred_at", "event_type", "occurred_at"),
     Index("ix_events_log_user_id", "user_id"),
@@ -68,6 +70,9 @@ event_deliveries = Table(
     Column("error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # When `eventbus redrive` last sent it again, and how many times it did (project.operations).
+    Column("redriven_at", DateTime(timezone=True)),
+    Column("redrives", Integer, nullable=False, server_default="0"),
     UniqueConstraint("event_id", "handler", name="uq_event_deliveries_event_id_handler"),
     CheckConstraint(
         "status IN ('dispatched', 'started', 'succeeded', 'retrying', 'failed', 'dead', 'rejected')",
@@ -87,4 +92,21 @@ delivery_inbox = Table(
     Column("handler", Text, nullable=False),
     Column("outbox", JSONB, nullable=False, server_default="[]"),
     Column("handled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# One line per redrive, replay or backfill run: who, when, which filter, how many.
+operations_audit = Table(
+    "operations_audit",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("actor", Text, nullable=False),
+    Column("operation", Text, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("filter", JSONB, nullable=False),
+    Column("dry_run", Boolean, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("selected", Integer, nullable=False),
+    Column("sent", Integer, nullable=False),
+    Column("skipped", Integer, nullable=False),
 )

@@ -194,3 +194,11 @@ def typed_order(event: Event[OrderPlaced]) -> None:
     """Typed: receives version 2, upcast from 1 where needed; bad data is dead at once."""
     _count(event, "typed_order")
     _remember({**event, "model": event.data.model_dump(), "model_type": type(event.data).__name__}, "typed_order")
+
+
+@event_bus.subscribe("fixable.job.requested", queue="gamma", max_retries=0)
+def fixable(event: dict[str, Any]) -> None:
+    """Fails until the test sets its flag ("the handler was fixed"); then counts its run."""
+    if not event_bus.sync_client().get(f"{event_bus.keys.prefix}:test:fixed"):
+        raise RuntimeError("fixable is broken")
+    _count(event, "fixable")

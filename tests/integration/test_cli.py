@@ -33,7 +33,7 @@ def test_routes_lists_every_subscription(stack: Stack) -> None:
         line.split() == ["bulk.*.made,", "bulk.#", "tests.integration.app.StormWatchModule.on_bulk", "beta"]
         for line in lines
     )
-    assert len(lines) == 1 + 16  # the header, then one line per subscription of tests/integration/app.py
+    assert len(lines) == 1 + 17  # the header, then one line per subscription of tests/integration/app.py
 
 
 def test_publish_is_seen_by_tail_and_dispatched(stack: Stack) -> None:
