@@ -260,9 +260,12 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     from project.contract_commands import add_commands  # contracts lock|check, catalog
 
     add_commands(sub)
-    from project.operations import add_commands as add_operations  # redrive, replay, backfill
+    from project.operations_cli import add_commands as add_operations  # redrive, replay, backfill
 
     add_operations(sub)
+    from project.explorer import add_commands as add_explorer  # explorer (web)
+
+    add_explorer(sub)
     return parser, sub
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -169,3 +170,29 @@ def test_the_commands_print_a_dry_run_and_refuse_an_unknown_handler(stack: Stack
     )  # fmt: skip
     assert bad.returncode == 2 and "no handler 'no.such.handler' is subscribed" in bad.stderr
     assert ("cli-test", "replay", True, "finished", 1, 0, 0) in _audit(stack)
+
+
+def test_ctrl_c_stops_a_replay_cleanly_and_the_same_command_goes_on(stack: Stack) -> None:
+    bus = stack.bus()
+    originals = [bus.publish_sync("user.birth_data.updated", {"n": n}) for n in range(6)]
+    stack.start_router()
+    stack.settle()
+    before = stack.queue_length("alpha")
+    command = [sys.executable, "-m", "project.cli", "replay", "--pattern", "user.#", "--handler",
+               f"{APP}.on_birth_data", "--per-second", "2", "--actor", "ops"]  # fmt: skip
+    env = {**os.environ, **stack.env}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    assert "6 to go" in proc.stderr.readline()  # plain lines: the output is not a terminal
+    wait_for(lambda: stack.queue_length("alpha") > before, what="the first copies sent")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted; run the same command again" in err and "Traceback" not in err
+    sent_first = stack.queue_length("alpha") - before
+    assert 0 < sent_first < 6
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0, again.stderr
+    assert stack.queue_length("alpha") - before == 6  # each original once, over both runs
+    assert [a[3] for a in _audit(stack)] == ["interrupted", "finished"]
+    assert len(originals) == 6
