@@ -215,26 +215,37 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    event_id: str = Field(pattern=_UUID_RE.pattern)
-    event_type: str
-    user_id: Annotated[str, StringConstraints(max_length=200)] | int | None = None
-    data: dict[str, Any]
-    timestamp: str
-    module: str | None = Field(default=None, max_length=200)
-    causation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
-    correlation_id: str | None = Field(default=None, pattern=_UUID_RE.pattern)
-    hops: int = Field(default=0, ge=0)
+    event_id: str = Field(pattern=_UUID_RE.pattern, description="The event's id, a UUID made by publish.")
+    event_type: str = Field(description="The event's name: 2 to 4 lower-case snake_case segments.")
+    user_id: Annotated[str, StringConstraints(max_length=200)] | int | None = Field(
+        default=None, description="The user the event concerns; null for a global event."
+    )
+    data: dict[str, Any] = Field(description="The event's data: its contract's model, if it has one.")
+    timestamp: str = Field(description="When it was published (ISO-8601, UTC).")
+    module: str | None = Field(default=None, max_length=200, description="The module that published it.")
+    causation_id: str | None = Field(
+        default=None, pattern=_UUID_RE.pattern, description="The event whose handler published this one."
+    )
+    correlation_id: str | None = Field(
+        default=None, pattern=_UUID_RE.pattern, description="The root event of the chain."
+    )
+    hops: int = Field(default=0, ge=0, description="How many handlers the chain went through before this event.")
     # The contract version the data was published as (project.contracts); absent for an
     # event type without a contract, and in envelopes from before contracts existed.
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, description="The contract version the data was published as.")
     # Set on the copy of a past event that `eventbus replay` delivers again: the original's id.
-    replay_of: str | None = Field(default=None, pattern=_UUID_RE.pattern)
+    replay_of: str | None = Field(
+        default=None, pattern=_UUID_RE.pattern, description="On a replayed copy: the original event's id."
+    )
     # The W3C trace context of the publishing span (project.observability.tracing); optional,
     # so envelopes of earlier versions and untraced publishers are accepted as they are.
     traceparent: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", max_length=256
+        default=None,
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}",
+        max_length=256,
+        description="The publishing span's W3C trace context.",
     )
-    tracestate: str | None = Field(default=None, max_length=1024)
+    tracestate: str | None = Field(default=None, max_length=1024, description="W3C tracestate, with traceparent.")
 
     @field_validator("event_type")
     @classmethod
