@@ -14,6 +14,7 @@ __all__ = ["bench_publish"]
 
 EVENT_TYPE = "bench.item.made"
 DATA = {"kp_index": 8, "severity": "G4", "user_id": 42}
+CONCURRENCY = 100
 
 
 def bench_publish(n: int, rounds: int) -> list[Result]:
@@ -32,11 +33,16 @@ def bench_publish(n: int, rounds: int) -> list[Result]:
     wipe(client)  # publish keeps every entry (and its dedup key) until a router acknowledges it
     asynchronous = asyncio.run(_async_pairs(channel, payload, n, rounds))
     wipe(client)
+    concurrent = asyncio.run(_concurrent_pairs(channel, payload, n, rounds))
+    wipe(client)
     return [
         result("publish (publish_sync)", sync[0], sync[1], 0.7, "events/s", ratio=sync[2],
                note="ratio: median of interleaved chunk pairs"),
         result("publish (await publish)", asynchronous[0], asynchronous[1], 0.7, "events/s", ratio=asynchronous[2],
                note="baseline: redis.asyncio PUBLISH"),
+        result(f"publish ({CONCURRENCY} concurrent await publish)", concurrent[0], concurrent[1], 3.0, "events/s",
+               ratio=concurrent[2],
+               note=f"baseline: {CONCURRENCY} concurrent redis.asyncio PUBLISH; ours coalesce into shared round trips"),
     ]  # fmt: skip
 
 
@@ -57,6 +63,31 @@ async def _async_pairs(channel: str, payload: str, n: int, rounds: int) -> tuple
             for _ in range(chunk):
                 await aclient.publish(channel, payload)
             pairs.append((ours, chunk / (time.perf_counter() - start)))
+    finally:
+        await bus.aclose()
+        await aclient.aclose()
+    return median_pairs(pairs)
+
+
+async def _concurrent_pairs(channel: str, payload: str, n: int, rounds: int) -> tuple[float, float, float]:
+    """``CONCURRENCY`` coroutines publishing at once, against as many concurrent PUBLISH calls."""
+    import redis.asyncio as aredis
+
+    bus = EventBus(get_settings())
+    aclient = aredis.Redis.from_url(get_settings().redis_url)
+    chunk, count = pair_chunks(n, rounds)
+    waves = max(1, chunk // CONCURRENCY)
+    pairs = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            for _ in range(waves):
+                await asyncio.gather(*(bus.publish(EVENT_TYPE, DATA) for _ in range(CONCURRENCY)))
+            ours = waves * CONCURRENCY / (time.perf_counter() - start)
+            start = time.perf_counter()
+            for _ in range(waves):
+                await asyncio.gather(*(aclient.publish(channel, payload) for _ in range(CONCURRENCY)))
+            pairs.append((ours, waves * CONCURRENCY / (time.perf_counter() - start)))
     finally:
         await bus.aclose()
         await aclient.aclose()

@@ -14,6 +14,7 @@ import redis
 import redis.asyncio
 from pydantic import BaseModel
 
+from project.coalesce import Coalescer
 from project.context import current_outbox
 from project.contracts import M, Upcaster, contracts, handler_model, load_contract_modules
 from project.contracts import event as contract_event
@@ -94,7 +95,7 @@ class EventBus:
         self._channel_prefix = ""
         self._dedup_prefix = ""
         self._contracts_loaded = False
-        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Coalescer] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -153,13 +154,9 @@ class EventBus:
                 return event_id
             if _capture is not None:  # the test kit's in-memory bus (project.testing)
                 return _capture(event_type, event_id, encoded)
-            client, args = self._async_client(), self._script_args(event_type, event_id, encoded)
-            try:
-                try:
-                    await client.evalsha(*args)  # type: ignore[misc]
-                except redis.exceptions.NoScriptError:
-                    await client.script_load(_PUBLISH_LUA)
-                    await client.evalsha(*args)  # type: ignore[misc]
+            args = self._script_args(event_type, event_id, encoded)
+            try:  # concurrent calls on this loop share a round trip (project.coalesce)
+                await self._coalescer().evalsha(args)
             except redis.RedisError as exc:
                 raise _publish_error(exc, event_type, event_id) from exc
         metrics.record_published(event_type)
@@ -272,22 +269,23 @@ class EventBus:
             self._sync_client = redis.Redis.from_url(self.settings.redis_url)
         return self._sync_client
 
-    def _async_client(self) -> redis.asyncio.Redis:
+    def _coalescer(self) -> Coalescer:
         # An asyncio client belongs to the loop it was made on: keep one per loop.
         loop = asyncio.get_running_loop()
-        client = self._async_clients.get(loop)
-        if client is None:
-            client = self._async_clients[loop] = redis.asyncio.Redis.from_url(self.settings.redis_url)
-        return client
+        coalescer = self._async_clients.get(loop)
+        if coalescer is None:
+            client = redis.asyncio.Redis.from_url(self.settings.redis_url)
+            coalescer = self._async_clients[loop] = Coalescer(client, _PUBLISH_LUA)
+        return coalescer
 
     async def aclose(self) -> None:
         """Close the Redis client :meth:`publish` made for the running event loop.
 
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
-        client = self._async_clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        coalescer = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if coalescer is not None:
+            await coalescer.client.aclose()
 
     def close(self) -> None:
         """Close the synchronous Redis client (a later publish makes a new one)."""
