@@ -250,16 +250,12 @@ _REDRIVE_COLUMNS = """
 """
 
 
-def _redrive_where(flt: DeliveryFilter, types: list[str] | None) -> tuple[str, dict[str, Any]]:
-    clauses: list[str] = ["d.status = ANY(:statuses)"]
-    params: dict[str, Any] = {"statuses": list(flt.statuses)}
-    for column, key, value in (
-        ("d.handler =", "handler", flt.handler),
-        ("e.user_id =", "user_id", flt.user_id),
-        ("e.occurred_at >=", "since", flt.since),
-        ("e.occurred_at <", "until", flt.until),
-        ("d.error =", "error", flt.error),
-    ):
+def _where(
+    first: str, params: dict[str, Any], conditions: tuple[tuple[str, str, Any], ...], types: list[str] | None
+) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause: ``first``, then ``column :key`` for each condition whose value is set."""
+    clauses = [first]
+    for column, key, value in conditions:
         if value is not None:
             clauses.append(f"{column} :{key}")
             params[key] = value
@@ -267,6 +263,17 @@ def _redrive_where(flt: DeliveryFilter, types: list[str] | None) -> tuple[str, d
         clauses.append("e.event_type = ANY(:types)")
         params["types"] = types
     return " AND ".join(clauses), params
+
+
+def _redrive_where(flt: DeliveryFilter, types: list[str] | None) -> tuple[str, dict[str, Any]]:
+    conditions = (
+        ("d.handler =", "handler", flt.handler),
+        ("e.user_id =", "user_id", flt.user_id),
+        ("e.occurred_at >=", "since", flt.since),
+        ("e.occurred_at <", "until", flt.until),
+        ("d.error =", "error", flt.error),
+    )
+    return _where("d.status = ANY(:statuses)", {"statuses": list(flt.statuses)}, conditions, types)
 
 
 def redrive(
@@ -468,20 +475,13 @@ def replay(
 
 
 def _replay_where(flt: ReplayFilter, types: list[str] | None) -> tuple[str, dict[str, Any]]:
-    clauses: list[str] = ["e.replay_of IS NULL"]  # replay originals, never copies of copies
-    params: dict[str, Any] = {}
-    for column, key, value in (
+    conditions = (
         ("e.occurred_at >=", "since", flt.since),
         ("e.occurred_at <", "until", flt.until),
         ("e.user_id =", "user_id", flt.user_id),
-    ):
-        if value is not None:
-            clauses.append(f"{column} :{key}")
-            params[key] = value
-    if types is not None:
-        clauses.append("e.event_type = ANY(:types)")
-        params["types"] = types
-    return " AND ".join(clauses), params
+    )
+    # Originals only: a replay never replays the copies an earlier one made.
+    return _where("e.replay_of IS NULL", {}, conditions, types)
 
 
 def _replay_rows(ctx: _Context, where: str, params: dict[str, Any]) -> Iterator[Any]:
