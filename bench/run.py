@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.dispatch import bench_dispatch
+from bench.explorer import bench_explorer
 from bench.harness import (
     MACHINE,
     ROOT,
@@ -29,6 +30,7 @@ from bench.latency import bench_latency
 from bench.log_writer import bench_log_writer
 from bench.matching import bench_matching
 from bench.memory import bench_memory
+from bench.observability import bench_observability
 from bench.publish import bench_publish
 from bench.stack import end_to_end
 from bench.throughput import bench_throughput
@@ -36,7 +38,7 @@ from project.events import event_bus
 
 __all__ = ["main"]
 
-KEYS = ("publish", "dispatch", "matching", "e2e", "logwriter", "memory")
+KEYS = ("publish", "dispatch", "matching", "e2e", "observability", "logwriter", "memory", "explorer")
 
 
 def bench_end_to_end(duration_s: float, rate_per_s: float, n: int) -> list[Result]:
@@ -53,8 +55,11 @@ def plan(quick: bool) -> list[tuple[str, Callable[[], list[Result]]]]:
         ("dispatch", lambda: bench_dispatch(100 if q else 5_000, 30 if q else 1_000, 1 if q else 3)),
         ("matching", lambda: bench_matching(100 if q else 5_000, 1 if q else 3)),
         ("e2e", lambda: bench_end_to_end(1 if q else 30, 50 if q else 200, 100 if q else 2_000)),
+        ("observability", lambda: bench_observability(200 if q else 2_500, 50 if q else 800, 1 if q else 6)),
         ("logwriter", lambda: bench_log_writer(200 if q else 20_000, 50 if q else 2_000, 1 if q else 3)),
         ("memory", lambda: bench_memory(100 if q else 1_000, 1_000 if q else 100_000)),
+        # BENCH_EXPLORER_EVENTS overrides the count (a quick look at a smaller record).
+        ("explorer", lambda: bench_explorer(3_000 if q else 1_000_000, 1 if q else 5)),
     ]
 
 

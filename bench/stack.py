@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,15 +35,21 @@ LATENCY_KEY = f"{PREFIX}:bench:latency"
 
 
 @contextmanager
-def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Run ``commands`` in the repository (logs in ``bench/.logs``); stop them on the way out."""
+def processes(
+    *commands: list[str], env: Mapping[str, str] | None = None, label: str = PREFIX
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Run ``commands`` in the repository (logs in ``bench/.logs/<label>-<n>.log``); stop them on the way out.
+
+    ``env`` is added to the environment they inherit.
+    """
     logs = ROOT / "bench" / ".logs"
     logs.mkdir(exist_ok=True)
     procs = []
     for i, cmd in enumerate(commands):
-        out = (logs / f"{PREFIX}-{i}.log").open("wb")
+        out = (logs / f"{label}-{i}.log").open("wb")
         # The environment bench.harness fixed (prefix, database, handlers) is inherited.
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
+        full_env = None if env is None else {**os.environ, **env}
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT))
         out.close()  # the child has its own copy of the descriptor
     try:
         yield procs
@@ -72,11 +79,11 @@ def end_to_end() -> Iterator[redis.Redis]:
         yield client
 
 
-def worker_cmd() -> list[str]:
+def worker_cmd(node: str = f"bench-{PREFIX}") -> list[str]:
     """A Celery worker on the bench queue: two prefork processes, our handlers and the baseline tasks."""
     return [sys.executable, "-m", "celery", "-A", "project.celery_app", "worker", "-Q", "bench", "-c", "2",
             "-P", "prefork", "-I", "bench.tasks", "--without-gossip", "--without-mingle", "--loglevel", "WARNING",
-            "-n", f"bench-{PREFIX}@%h"]  # fmt: skip
+            "-n", f"{node}@%h"]  # fmt: skip
 
 
 def router_cmd(log_writer: bool = True) -> list[str]:

@@ -15,7 +15,7 @@ from project import kombu_fixes
 from project import signals as recording
 from project.delivery import register_tasks
 from project.events import event_bus
-from project.observability import otel_sdk, tracing
+from project.observability import otel_sdk
 from project.observability.exposition import forget_worker_child, serve_worker
 from project.settings import get_settings
 
@@ -24,7 +24,6 @@ __all__ = ["app", "load_handlers"]
 app = Celery("project")
 app.config_from_object("celeryconfig")
 recording.connect()
-tracing.connect()
 kombu_fixes.apply()
 
 

@@ -9,6 +9,11 @@ The format is Celery's task protocol 2 inside kombu's virtual-transport envelope
 that ``app.amqp.as_task_v2`` + ``Channel._inplace_augment_message`` produce;
 ``tests/unit/test_wire_format.py`` compares the two field by field, and ``tests/integration``
 runs these messages through real workers.
+
+An event published inside a span also carries its W3C trace context in the task headers, as
+``traceparent`` / ``tracestate``: where Celery's OpenTelemetry instrumentation puts it when
+it sends a task, and reads it back from ``task.request``. A worker instrumented that way
+runs the task in a span of the publisher's trace instead of starting a trace of its own.
 """
 
 from __future__ import annotations
@@ -43,10 +48,15 @@ def build_task_message(
     envelope_json: str,
     event_type: str,
     event_id: str,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> str:
     """Return the JSON of one Celery message that calls ``task_name(envelope)`` on ``queue``.
 
     ``envelope_json`` must already be validated JSON; it is embedded as the single argument.
+    ``traceparent`` and ``tracestate``, the envelope's trace context, become headers of the
+    same names (a ``tracestate`` only with a ``traceparent``, as the W3C propagator writes
+    them); without them the message has exactly the headers Celery gives an untraced task.
     """
     body = f"[[{envelope_json}],{{}},{_EMBED}]"
     headers: dict[str, Any] = {
@@ -70,6 +80,11 @@ def build_task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    if traceparent is not None:
+        # Appended last, where Celery's propagator adds them to the headers it sends.
+        headers["traceparent"] = traceparent
+        if tracestate:
+            headers["tracestate"] = tracestate
     return wrap_message(body.encode(), headers, queue=queue, task_id=task_id)
 
 

@@ -433,6 +433,8 @@ class Router:
                         envelope_json=text,
                         event_type=envelope.event_type,
                         event_id=envelope.event_id,
+                        traceparent=envelope.traceparent,
+                        tracestate=envelope.tracestate,
                     ),
                 )
             )

@@ -24,7 +24,9 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
     names = {r["name"] for r in results}
     for expected in ("publish (publish_sync)", "publish (await publish)", "dispatch vs apply_async",
                      "dispatch vs celery-pubsub", "matching: 10,000 vs 10 subscriptions", "latency p50",
-                     "latency p99", "throughput end to end", "log writer"):  # fmt: skip
+                     "latency p99", "throughput end to end", "log writer",
+                     "observability: publish (publish_sync), on vs off",
+                     "observability: throughput end to end, on vs off"):  # fmt: skip
         assert expected in names
     for r in results:
         assert set(r) >= {"name", "ours", "baseline", "ratio", "target", "units", "machine"}

@@ -1,10 +1,15 @@
 """OpenTelemetry traces across the bus: publish → router → handler → the events it publishes.
 
 ``publish`` runs inside a PRODUCER span and writes the W3C trace context (``traceparent``,
-``tracestate``) into the envelope; the router carries the envelope unchanged; the worker
-runs the handler inside a CONSUMER span whose parent is that context, so what the handler
+``tracestate``) into the envelope; the router carries the envelope unchanged, and copies the
+context into the headers of each task message (:mod:`project.messages`); the worker runs
+the handler inside a CONSUMER span whose parent is that context, so what the handler
 publishes continues the same trace. Attributes follow the OpenTelemetry messaging semantic
 conventions: the event type is the destination, the event id the message id.
+
+With Celery's own instrumentation (``opentelemetry-instrumentation-celery``) in the worker,
+its ``run/<task>`` span continues the trace from those headers, and the handler's span nests
+in it: publisher → ``run/<task>`` → handler, one trace.
 
 Only the OpenTelemetry API is used here. Without an SDK tracer provider (none configured,
 see :mod:`.otel_sdk`) every call returns after one check and envelopes carry no trace fields.
@@ -18,10 +23,10 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["TRACE_FIELDS", "active", "connect", "handler_span", "publish_span", "trace_fields"]
+__all__ = ["TRACE_FIELDS", "active", "handler_span", "publish_span", "trace_fields"]
 
 #: The envelope fields that carry the trace context (both optional).
 TRACE_FIELDS = ("traceparent", "tracestate")
@@ -72,7 +77,10 @@ def handler_span(
 ) -> Iterator[Span | None]:
     """The CONSUMER span a handler runs in, a child of the span that published ``event``.
 
-    An exception in ``ignore`` is control flow (a copy skipped), not an error of the span.
+    When a span is already current (Celery's instrumentation runs the task in one), the
+    handler's span is its child instead; a link points to the publishing span if that one
+    is in another trace. An exception in ``ignore`` is control flow (a copy skipped), not an
+    error of the span.
     """
     if not active():
         yield None
@@ -89,11 +97,13 @@ def handler_span(
     }
     if event.get("correlation_id"):
         attributes["messaging.message.conversation_id"] = str(event["correlation_id"])
+    parent, links = _parent(event)
     with _TRACER.start_as_current_span(
         f"process {event_type}",
-        context=_parent(event),
+        context=parent,
         kind=SpanKind.CONSUMER,
         attributes=attributes,
+        links=links,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
@@ -107,35 +117,19 @@ def handler_span(
             raise
 
 
-def _parent(event: Mapping[str, Any]) -> Context | None:
-    """The publishing span's context, or None (the current one) when that already descends from it."""
+def _parent(event: Mapping[str, Any]) -> tuple[Context | None, list[Link]]:
+    """The handler span's parent context (None: the current one) and its links."""
     carrier = {k: event[k] for k in TRACE_FIELDS if isinstance(event.get(k), str)}
-    if not carrier:
-        return None
-    published = _PROPAGATOR.extract(carrier)
+    published = _PROPAGATOR.extract(carrier) if carrier else None
     current = trace.get_current_span().get_span_context()
-    # Celery's own instrumentation, if installed, already runs this task in a span it
-    # continued from the same context (see connect): nest under it, one trace.
-    if current.is_valid and current.trace_id == trace.get_current_span(published).get_span_context().trace_id:
-        return None
-    return published
-
-
-def _on_prerun(sender: Any = None, args: Any = None, **_: Any) -> None:
-    # The router writes task messages itself, without the headers Celery's instrumentation
-    # reads: copy the envelope's context onto the request, where its task_prerun receiver
-    # (connected after this one) looks for it, so its span joins the publisher's trace.
-    if getattr(sender, "subscription", None) is None or not active():
-        return
-    event = args[0] if args and isinstance(args[0], dict) else {}
-    for name in TRACE_FIELDS:
-        value = event.get(name)
-        if isinstance(value, str):
-            setattr(sender.request, name, value)
-
-
-def connect() -> None:
-    """Connect the task_prerun receiver that hands the envelope's context to Celery's instrumentation."""
-    from celery import signals
-
-    signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="eventbus.tracing.prerun")
+    if not current.is_valid:
+        return published, []
+    # A span runs this task already: Celery's instrumentation, which continued the publisher's
+    # trace from the task headers. Nest in it, or the trace would show the handler beside
+    # the task run that contains it.
+    origin = trace.get_current_span(published).get_span_context() if published is not None else None
+    if origin is not None and origin.is_valid and origin.trace_id != current.trace_id:
+        # The task's span began a trace of its own (instrumented with use_span_links=True,
+        # or a message sent without the headers): keep the way back to the publisher.
+        return None, [Link(origin)]
+    return None, []

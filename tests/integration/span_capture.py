@@ -3,8 +3,10 @@
 Imported through ``EVENT_HANDLER_MODULES`` by a router and a worker (before the pool forks),
 and by the publishing script of the tracing test: each process installs an SDK tracer
 provider whose spans are kept in memory and pushed, as JSON, onto ``<prefix>:test:spans``,
-where the test reads the spans of every process. With ``TEST_CELERY_INSTRUMENTATION=1`` the
-worker also runs Celery's own OpenTelemetry instrumentation.
+where the test reads the spans of every process. With
+``TEST_CELERY_INSTRUMENTATION=worker_process_init`` each pool child of the worker also runs
+Celery's own OpenTelemetry instrumentation, set up after the fork as its documentation
+recommends.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def _as_dict(span: ReadableSpan) -> dict[str, object]:
         "parent_id": f"{parent.span_id:016x}" if parent else None,
         "attributes": dict(span.attributes or {}),
         "status": span.status.status_code.name,
+        "links": [f"{link.context.span_id:016x}" for link in span.links],
         "pid": os.getpid(),
     }
 
@@ -51,7 +54,14 @@ _provider = TracerProvider(resource=Resource.create({"service.name": "eventbus-t
 _provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(_provider)
 
-if os.environ.get("TEST_CELERY_INSTRUMENTATION") == "1":
+
+def _instrument_celery(**_: object) -> None:
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     CeleryInstrumentor().instrument()
+
+
+if os.environ.get("TEST_CELERY_INSTRUMENTATION") == "worker_process_init":
+    from celery import signals
+
+    signals.worker_process_init.connect(_instrument_celery, weak=False)

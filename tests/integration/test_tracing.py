@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
 from typing import Any
+
+import pytest
 
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
@@ -112,17 +116,53 @@ def test_the_demo_chain_forms_one_trace_from_the_publishing_span(stack: Stack) -
     ]
 
 
-def test_celerys_own_instrumentation_joins_the_same_trace(stack: Stack) -> None:
-    _start(stack, TEST_CELERY_INSTRUMENTATION="1")
-    _publish(stack)
-    # root, 3 sends, 3 handler runs, and Celery's 3 run/<task> spans
+# Where `opentelemetry-instrument` puts its sitecustomize: first on PYTHONPATH, so Celery is
+# instrumented when the interpreter starts, before the application is imported.
+_AUTO_INSTRUMENTATION = importlib.util.find_spec("opentelemetry.instrumentation.auto_instrumentation.sitecustomize")
+
+
+@pytest.mark.parametrize("instrumented", ["worker_process_init", "opentelemetry-instrument"])
+def test_celerys_own_instrumentation_joins_the_same_trace(stack: Stack, instrumented: str) -> None:
+    if instrumented == "worker_process_init":  # in each pool child, as the instrumentation's docs show
+        _start(stack, TEST_CELERY_INSTRUMENTATION="worker_process_init")
+    else:  # at interpreter start, before the app connects a receiver of its own
+        assert _AUTO_INSTRUMENTATION is not None and _AUTO_INSTRUMENTATION.origin is not None
+        _start(stack, PYTHONPATH=os.pathsep.join([os.path.dirname(_AUTO_INSTRUMENTATION.origin), str(ROOT)]))
+    published = _publish(stack)
+    # root, 3 sends, Celery's 3 run/<task> spans and the 3 handler runs in them
     spans = _spans(stack, 10)
-    assert len({s["trace_id"] for s in spans}) == 1, spans
-    kinds = Counter(s["name"].split(" ")[0].split("/")[0] for s in spans)
-    assert kinds == {"POST": 1, "send": 3, "process": 3, "run": 3}
+    stack.settle()
+    spans = _spans(stack, 10)
+    assert len(spans) == 10, [s["name"] for s in spans]
+    assert {s["trace_id"] for s in spans} == {spans[0]["trace_id"]}, spans
     by_id = {s["span_id"]: s for s in spans}
-    for span in spans:
-        if span["name"].startswith("process "):
-            celery_run = by_id[span["parent_id"]]
-            assert celery_run["name"] == "run/" + span["attributes"]["messaging.destination.subscription.name"]
-            assert by_id[celery_run["parent_id"]]["name"].startswith("send ")
+    roots = [s for s in spans if s["parent_id"] is None]
+    assert [s["name"] for s in roots] == ["POST /birth-data"]
+    assert all(s["parent_id"] in by_id for s in spans if s is not roots[0]), "a parent outside the trace"
+    assert Counter(s["name"].split(" ")[0].split("/")[0] for s in spans) == {
+        "POST": 1,
+        "send": 3,
+        "run": 3,
+        "process": 3,
+    }
+
+    # the publisher's send span → Celery's run/<task> span → the handler's span, for each delivery
+    sends = {s["attributes"]["messaging.destination.name"]: s for s in spans if s["name"].startswith("send ")}
+    handled = {
+        s["attributes"]["messaging.destination.subscription.name"]: s for s in spans if s["name"].startswith("process ")
+    }
+    assert sorted(handled) == [H + "invalidate_user", H + "on_profile", H + "recalculate"]
+    for name, span in handled.items():
+        celery_run = by_id[span["parent_id"]]
+        assert celery_run["name"] == f"run/{name}"
+        assert celery_run["kind"] == "CONSUMER"
+        assert celery_run["attributes"]["celery.action"] == "run"
+        assert celery_run["attributes"]["celery.task_name"] == name
+        assert celery_run["pid"] == span["pid"]
+        assert celery_run["parent_id"] == sends[span["attributes"]["messaging.destination.name"]]["span_id"]
+        assert span["links"] == []  # its publisher is an ancestor: nothing to link
+    # and what a handler publishes continues from inside the handler's span
+    assert sends["user.birth_data.updated"]["parent_id"] == roots[0]["span_id"]
+    assert sends["user.birth_data.updated"]["attributes"]["messaging.message.id"] == published["event_id"]
+    assert sends["module.profile.calculated"]["parent_id"] == handled[H + "recalculate"]["span_id"]
+    assert sends["synthesis.completed"]["parent_id"] == handled[H + "on_profile"]["span_id"]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from contextvars import Token
 
 import pytest
 from opentelemetry import context, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from project.envelope import decode_envelope, encode_envelope
 from project.errors import MalformedEnvelope
+from project.messages import build_task_message
 from project.observability import otel_sdk, tracing
 from project.settings import Settings
 
@@ -47,6 +51,58 @@ def test_the_router_accepts_envelopes_with_and_without_trace_fields_and_refuses_
     assert decode_envelope(json.dumps(traced), 65536).tracestate == "vendor=1"
     with pytest.raises(MalformedEnvelope, match="traceparent"):
         decode_envelope(json.dumps({**envelope, "traceparent": "not-a-trace"}), 65536)
+
+
+def _current(trace_id: int, span_id: int) -> Token[Context]:
+    parent = SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+
+
+def _published() -> dict[str, str]:
+    return {"event_type": "user.created", "traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"}
+
+
+def test_a_handler_span_without_a_current_span_is_a_child_of_the_publishing_span() -> None:
+    parent, links = tracing._parent(_published())
+    assert parent is not None
+    assert trace.get_current_span(parent).get_span_context().span_id == SPAN_ID
+    assert links == []
+
+
+def test_a_handler_span_nests_in_celerys_span_of_the_same_trace() -> None:
+    # Celery's instrumentation continued the publisher's trace from the task headers.
+    token = _current(TRACE_ID, 0x1111)
+    try:
+        assert tracing._parent(_published()) == (None, [])
+    finally:
+        context.detach(token)
+
+
+def test_a_handler_span_nests_in_celerys_span_of_another_trace_and_links_the_publisher() -> None:
+    # use_span_links=True: Celery's span began its own trace.
+    token = _current(0x2222, 0x1111)
+    try:
+        parent, links = tracing._parent(_published())
+    finally:
+        context.detach(token)
+    assert parent is None
+    assert [(link.context.trace_id, link.context.span_id) for link in links] == [(TRACE_ID, SPAN_ID)]
+
+
+def test_an_event_published_inside_a_span_sends_its_context_in_the_task_headers() -> None:
+    fields = {"traceparent": f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01", "tracestate": "vendor=1"}
+    args = {"task_name": "t", "task_id": "i", "queue": "q", "envelope_json": "{}", "event_type": "e", "event_id": "i"}
+    headers = json.loads(build_task_message(**args, **fields))["headers"]
+    assert {k: headers[k] for k in fields} == fields
+    assert list(headers)[-2:] == ["traceparent", "tracestate"]
+    extracted = TraceContextTextMapPropagator().extract(headers)
+    assert trace.get_current_span(extracted).get_span_context().trace_id == TRACE_ID
+    untraced = json.loads(build_task_message(**args))["headers"]
+    assert "traceparent" not in untraced
+    assert "tracestate" not in untraced
+    assert list(json.loads(build_task_message(**args, traceparent=fields["traceparent"]))["headers"])[-1] == (
+        "traceparent"
+    )
 
 
 def test_spans_are_made_only_with_a_real_tracer_provider() -> None:

@@ -10,6 +10,11 @@ prefix of the real Redis, and the JSON kombu stored is compared with ours field 
 Only what must differ is compared by shape: kombu's delivery tag (a fresh UUID per message),
 ``origin`` (the sender's node name) and ``argsrepr`` (ours abbreviates the envelope). Needs
 Redis, nothing else; skipped when no Redis answers.
+
+Every test runs twice: for an event published outside a span, and for one published inside
+a span, whose message also carries the W3C trace context in the headers ``traceparent`` and
+``tracestate``, as Celery sends a task whose headers Celery's OpenTelemetry instrumentation
+filled in (it adds them to the headers of ``before_task_publish``; Celery sends those).
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from celery.app.task import Context
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.celery import celery_getter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from project.envelope import encode_envelope
 from project.keys import Keys
@@ -43,6 +54,8 @@ HEADERS = (
     "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result", "replaced_task_nesting", "stamped_headers",
     "stamps",
 )  # fmt: skip
+# The context of the publishing span, as an envelope published inside it carries it.
+TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=opaque"}
 # Compared by shape in their own tests: they differ per message or per sender.
 SHAPE_ONLY_HEADERS = frozenset({"argsrepr", "origin"})
 PROPERTIES = ("correlation_id", "delivery_mode", "priority", "body_encoding")
@@ -56,6 +69,7 @@ class Sent:
     ours: dict[str, Any]
     ours_json: str
     envelope: dict[str, Any]
+    trace: dict[str, str]  # the trace fields of the envelope, and so of the headers
     task_id: str
     queue_keys: list[str]  # the lists kombu pushed to, under the private prefix
     keys: Keys
@@ -63,8 +77,9 @@ class Sent:
     client: redis.Redis
 
 
-@pytest.fixture(scope="module")
-def sent() -> Iterator[Sent]:
+@pytest.fixture(scope="module", params=["untraced", "traced"])
+def sent(request: pytest.FixtureRequest) -> Iterator[Sent]:
+    trace_fields = TRACE if request.param == "traced" else {}
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
     try:
         client.ping()
@@ -82,16 +97,21 @@ def sent() -> Iterator[Sent]:
         "global_keyprefix": keys.celery_keyprefix,
     }
     try:
-        event_id, envelope_json = encode_envelope(
-            EVENT_TYPE, DATA, user_id=None, module="wire", max_bytes=64 * 1024, max_hops=16
-        )
+        with _inside_span(trace_fields):
+            event_id, envelope_json = encode_envelope(
+                EVENT_TYPE, DATA, user_id=None, module="wire", max_bytes=64 * 1024, max_hops=16
+            )
         envelope = json.loads(envelope_json)
+        assert {k: envelope[k] for k in TRACE if k in envelope} == trace_fields
         task_id = delivery_task_id(event_id, TASK)
         # The task sent by name, as the router does: its id and queue, results ignored, no
         # countdown. No time limits in the message: with [None, None] the worker applies the
         # task's own, and the router does not know them (apply_async of the registered task
         # would copy them into "timelimit").
-        app.send_task(TASK, args=[envelope], task_id=task_id, queue=QUEUE, ignore_result=True)
+        # Celery's instrumentation injects the trace context into the headers it is handed
+        # in before_task_publish; headers given here land in the same dict, the same way.
+        headers = dict(trace_fields) or None
+        app.send_task(TASK, args=[envelope], task_id=task_id, queue=QUEUE, ignore_result=True, headers=headers)
         queue_keys = sorted(
             k.decode() for k in client.scan_iter(match=f"{keys.celery_keyprefix}*") if client.type(k) == b"list"
         )
@@ -104,12 +124,15 @@ def sent() -> Iterator[Sent]:
             envelope_json=envelope_json,
             event_type=EVENT_TYPE,
             event_id=event_id,
+            traceparent=envelope.get("traceparent"),
+            tracestate=envelope.get("tracestate"),
         )
         yield Sent(
             celery=json.loads(stored[0]),
             ours=json.loads(ours),
             ours_json=ours,
             envelope=envelope,
+            trace=dict(trace_fields),
             task_id=task_id,
             queue_keys=queue_keys,
             keys=keys,
@@ -121,6 +144,20 @@ def sent() -> Iterator[Sent]:
         for key in client.scan_iter(match=f"{keys.prefix}:*"):
             client.delete(key)
         client.close()
+
+
+@contextmanager
+def _inside_span(fields: dict[str, str]) -> Iterator[None]:
+    """Make the span ``fields`` describe current (no SDK needed), as it is inside publish's span."""
+    if not fields:
+        yield
+        return
+    parent = TraceContextTextMapPropagator().extract(fields)
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def _body(message: dict[str, Any]) -> Any:
@@ -141,7 +178,37 @@ def test_the_message_has_the_same_fields_at_every_level(sent: Sent) -> None:
     assert sorted(ours["properties"]) == sorted(celery["properties"])
     assert sorted(ours["properties"]["delivery_info"]) == sorted(celery["properties"]["delivery_info"])
     # Every header this test knows, so a field added upstream is noticed above, not ignored.
-    assert sorted(celery["headers"]) == sorted(HEADERS)
+    assert sorted(celery["headers"]) == sorted(HEADERS + tuple(sent.trace))
+
+
+def test_the_fields_come_in_celerys_order(sent: Sent) -> None:
+    # Not needed by any reader, but with the same order and values the JSON differs from
+    # kombu's only in what differs per message or sender (tag, origin, argsrepr, reply_to).
+    celery, ours = sent.celery, sent.ours
+    assert list(ours) == list(celery)
+    assert list(ours["headers"]) == list(celery["headers"])
+    assert list(ours["properties"]) == list(celery["properties"])
+
+
+def test_the_trace_context_is_in_the_headers_only_when_the_envelope_has_one(sent: Sent) -> None:
+    for message in (sent.celery, sent.ours):
+        assert {
+            k: message["headers"][k] for k in ("traceparent", "tracestate") if k in message["headers"]
+        } == sent.trace
+
+
+def test_celerys_instrumentation_reads_the_publishers_context_from_the_request(sent: Sent) -> None:
+    # The worker copies every header onto task.request; Celery's instrumentation extracts
+    # its parent from there (celery_getter) when the task starts.
+    parent = trace.get_current_span(
+        TraceContextTextMapPropagator().extract(Context(sent.ours["headers"]), getter=celery_getter)
+    ).get_span_context()
+    if not sent.trace:
+        assert not parent.is_valid
+        return
+    assert (f"{parent.trace_id:032x}", f"{parent.span_id:016x}") == tuple(sent.trace["traceparent"].split("-")[1:3])
+    assert parent.is_remote
+    assert parent.trace_state.to_header() == sent.trace["tracestate"]
 
 
 def test_content_type_and_encoding_are_celerys(sent: Sent) -> None:
