@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")
 
+    # The events explorer (`eventbus explorer`, project.explorer): basic auth, like Flower's.
+    explorer_address: str = "127.0.0.1"
+    explorer_port: int = Field(5556, gt=0, lt=65536)
+    explorer_user: str = "admin"
+    explorer_password: SecretStr = SecretStr("change-me")
+
     # Only one beat process schedules (project.beat); the others wait for its lock to lapse.
     beat_lock_ttl_s: float = Field(30.0, gt=0)
 

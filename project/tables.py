@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
@@ -52,9 +53,12 @@ events_log = Table(
     Column("version", Integer),  # the contract version of its data (project.contracts), or null
     Column("replay_of", UUID(as_uuid=False)),  # a replay's original event (project.operations)
     UniqueConstraint("event_id", name="events_log_event_id_key"),
-    Index("ix_events_log_event_type_occurred_at", "event_type", "occurred_at"),
-    Index("ix_events_log_user_id", "user_id"),
+    Index("ix_events_log_event_type_occurred_at_id", "event_type", "occurred_at", "id"),
     Index("ix_events_log_correlation_id", "correlation_id"),
+    # The explorer's lists (project.explorer), newest first from a keyset cursor (migration 0006).
+    Index("ix_events_log_occurred_at_id", "occurred_at", "id"),
+    Index("ix_events_log_user_id_occurred_at_id", "user_id", "occurred_at", "id"),
+    Index("ix_events_log_module_occurred_at_id", "module", "occurred_at", "id"),
 )
 
 event_deliveries = Table(
@@ -79,6 +83,13 @@ event_deliveries = Table(
         name="ck_event_deliveries_status",
     ),
     Index("ix_event_deliveries_status", "status"),
+    # The explorer's "has failed deliveries", its problems and its overview (migration 0006);
+    # the first two hold only the (few) failed deliveries.
+    Index("ix_event_deliveries_failed", "event_id", postgresql_where=text("status IN ('failed', 'dead', 'rejected')")),
+    Index(
+        "ix_event_deliveries_problems", "handler", "updated_at", postgresql_where=text("status IN ('dead', 'rejected')")
+    ),
+    Index("ix_event_deliveries_created_at", "created_at", postgresql_include=["status"]),
 )
 
 # The inbox of the exactly-once helper (``event.transaction()``): a row per delivery whose

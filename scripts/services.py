@@ -3,9 +3,10 @@
 Uses REDIS_URL / DATABASE_URL when set, the local defaults otherwise. If what they name does
 not answer and the server binaries are installed, starts private instances under ``.run/``
 (git-ignored) on free ports and writes their URLs to ``.run/env`` for honcho. Otherwise says
-exactly what to start. ``.run/env`` also holds Flower's password: a random one made on the
-first run and kept on later ones, unless the environment sets FLOWER_PASSWORD. Standard
-library only: it runs before the virtualenv exists.
+exactly what to start. ``.run/env`` also holds the passwords of Flower and of the events
+explorer: random ones made on the first run and kept on later ones, unless the environment
+sets FLOWER_PASSWORD or EXPLORER_PASSWORD. Standard library only: it runs before the
+virtualenv exists.
 """
 
 from __future__ import annotations
@@ -114,20 +115,22 @@ def read_env(path: Path) -> dict[str, str]:
 
 
 def write_env(values: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> Path:
-    """Write ``.run/env`` for honcho: ``values``, and Flower's password unless ``environ`` sets one.
+    """Write ``.run/env`` for honcho: ``values``, and the passwords of Flower and of the events
+    explorer, each unless ``environ`` sets it.
 
-    The password is made once (``secrets.token_urlsafe``) and kept on later runs, so a
-    browser that saved it goes on working. honcho lets the file override the environment,
-    so a FLOWER_PASSWORD the environment sets is left out of the file, never overwritten.
+    A password is made once (``secrets.token_urlsafe``) and kept on later runs, so a browser
+    that saved it goes on working. honcho lets the file override the environment, so a
+    password the environment sets is left out of the file, never overwritten.
     """
     path = RUN / "env"
     content = dict(values)
-    user, port = environ.get("FLOWER_USER", "admin"), environ.get("FLOWER_PORT", "5555")
-    if environ.get("FLOWER_PASSWORD"):
-        print(f"services: Flower (user {user}) uses FLOWER_PASSWORD from the environment", file=sys.stderr)
-    else:
-        content["FLOWER_PASSWORD"] = read_env(path).get("FLOWER_PASSWORD") or secrets.token_urlsafe(24)
-        print(f"services: Flower on port {port}: user {user}, password in {path} (FLOWER_PASSWORD)", file=sys.stderr)
+    for what, var, default_port in (("Flower", "FLOWER", "5555"), ("the explorer", "EXPLORER", "5556")):
+        user, port = environ.get(f"{var}_USER", "admin"), environ.get(f"{var}_PORT", default_port)
+        if environ.get(f"{var}_PASSWORD"):
+            print(f"services: {what} (user {user}) uses {var}_PASSWORD from the environment", file=sys.stderr)
+        else:
+            content[f"{var}_PASSWORD"] = read_env(path).get(f"{var}_PASSWORD") or secrets.token_urlsafe(24)
+            print(f"services: {what} on port {port}: user {user}, password in {path} ({var}_PASSWORD)", file=sys.stderr)
     # It holds a password: readable by its owner only, from the moment it exists.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)

@@ -113,8 +113,8 @@ def _compose_services() -> dict[str, Any]:
         pytest.skip("Debian's docker-compose package is not installed")
     out = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-        cwd=ROOT, env={**os.environ, "FLOWER_PASSWORD": "test"}, capture_output=True, text=True, timeout=60,
-        check=False,
+        cwd=ROOT, env={**os.environ, "FLOWER_PASSWORD": "test", "EXPLORER_PASSWORD": "test"}, capture_output=True,
+        text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return dict(yaml.safe_load(out.stdout)["services"])
