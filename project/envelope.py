@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -273,4 +274,17 @@ def decode_envelope(raw: bytes | str, max_bytes: int) -> Envelope:
     text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
     if _NUL in text and _has_nul(envelope.model_dump()):
         raise MalformedEnvelope("a string holds a NUL character (U+0000), which PostgreSQL cannot store")
+    # pydantic's JSON parser takes NaN and Infinity, which are not JSON: PostgreSQL refuses them.
+    if ("NaN" in text or "Infinity" in text) and _has_non_finite(envelope.data):
+        raise MalformedEnvelope("a number is NaN or Infinity, which is not JSON (PostgreSQL cannot store it)")
     return envelope
+
+
+def _has_non_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False

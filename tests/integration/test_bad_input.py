@@ -52,6 +52,9 @@ def _malformed_entries() -> list[dict[bytes | str, bytes | str]]:
         {"e": json.dumps(_valid(user_id={"nested": True}))},
         {"e": json.dumps(_valid(user_id=True))},
         {"e": "1e999999"},
+        # NaN and Infinity are not JSON, though Python writes them and pydantic reads them.
+        {"e": json.dumps(_valid(data={"kp": float("nan")}))},
+        {"e": json.dumps(_valid(data={"deep": [{"x": float("-inf")}]}))},
     ]
     return [kinds[i % len(kinds)] for i in range(100)]
 
@@ -75,6 +78,7 @@ def test_malformed_entries_are_dead_lettered_and_the_router_keeps_going(stack: S
     reasons = {fields[b"reason"].decode() for _, fields in stack.redis.xrange(keys.dead_letter)}
     assert any("hops" in r for r in reasons) and any("event_type" in r for r in reasons)
     assert any("over the limit" in r for r in reasons)
+    assert any("NaN or Infinity" in r for r in reasons)
 
     assert stack.procs["router"].poll() is None
     later = bus.publish_sync("user.birth_data.updated", user_id="u2")
