@@ -6,7 +6,8 @@ work again from there, through the same task messages the router builds:
 - :func:`redrive` sends a ``dead`` or ``rejected`` delivery again: the same (event, handler)
   delivery, the same task id. Its attempts keep counting (a fresh allowance of
   ``max_retries + 1`` on top of those used), ``redriven_at``/``redrives`` say it was
-  redriven, and the done mark keeps the handler's effect to at most once.
+  redriven, its record is ``dispatched`` again (so the reconciler watches it like any other),
+  and the done mark keeps the handler's effect to at most once.
 - :func:`replay` delivers past events again to today's subscriptions, or to one handler. A
   replayed delivery is a copy of the event under a new id, recorded with ``replay_of`` =
   the original, so the record tells it from a first delivery.
@@ -378,12 +379,21 @@ def _redrive_one(
 
 
 def _mark_redriven(ctx: _Context, sent: list[tuple[str, str]]) -> None:
+    # 'dispatched' again, as of now: a later run does not select it, and if its message is
+    # lost before a worker starts it, the reconciler sends it again (RECONCILE_AFTER_S), as
+    # for any dispatched delivery. The worker's records (attempt + 1) then move it on.
     d = event_deliveries
     with ctx.engine.begin() as conn:
         conn.execute(
             sa.update(d)
             .where(sa.tuple_(d.c.event_id, d.c.handler).in_(sent))
-            .values(redriven_at=sa.func.now(), redrives=d.c.redrives + 1)
+            .values(
+                redriven_at=sa.func.now(),
+                redrives=d.c.redrives + 1,
+                # A worker quicker than this update has already moved it on: leave its status.
+                status=sa.case((d.c.status.in_(REDRIVABLE), "dispatched"), else_=d.c.status),
+                updated_at=sa.case((d.c.status.in_(REDRIVABLE), sa.func.now()), else_=d.c.updated_at),
+            )
         )
 
 
