@@ -7,7 +7,8 @@ and plain Celery cannot notice. The record can: such a delivery stays ``dispatch
 (``Keys.delivery``, made on its first start).
 
 Every ``RECONCILE_INTERVAL_S`` one router (a lock in Redis picks it) looks for deliveries
-``dispatched`` or ``retrying`` more than ``RECONCILE_AFTER_S`` ago and less than
+``dispatched``, ``retrying`` or ``failed`` (an attempt failed while Redis could not take its
+outcome, so no retry was decided) more than ``RECONCILE_AFTER_S`` ago and less than
 ``DELIVERY_DONE_TTL_S`` ago (past that, a missing state no longer proves the delivery never
 started, so they are only reported), and looks at each one's state in Redis:
 
@@ -52,7 +53,7 @@ _STALE = sa.text(
            e.causation_id::text AS causation_id, e.correlation_id::text AS correlation_id, e.hops, e.version,
            e.replay_of::text AS replay_of
     FROM event_deliveries d JOIN events_log e ON e.event_id = d.event_id
-    WHERE d.status IN ('dispatched', 'retrying') AND d.updated_at < :before AND d.updated_at >= :after
+    WHERE d.status IN ('dispatched', 'retrying', 'failed') AND d.updated_at < :before AND d.updated_at >= :after
     ORDER BY d.updated_at
     LIMIT :limit
     """
