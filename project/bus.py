@@ -145,12 +145,8 @@ class EventBus:
         """
         event_type, data, version = self._typed(event_type, data)
         with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
-            if span is not None:
-                span.set_attribute("messaging.message.id", event_id)
-            outbox = current_outbox()
-            if outbox is not None:  # inside an exactly-once block: sent after its commit
-                outbox.append((event_type, event_id, encoded))
+            event_id, encoded, kept = self._prepare(span, event_type, data, user_id, module, event_id, version)
+            if kept:
                 return event_id
             if _capture is not None:  # the test kit's in-memory bus (project.testing)
                 return _capture(event_type, event_id, encoded)
@@ -174,14 +170,31 @@ class EventBus:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
         event_type, data, version = self._typed(event_type, data)
         with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
-            if span is not None:
-                span.set_attribute("messaging.message.id", event_id)
-            outbox = current_outbox()
-            if outbox is not None:  # inside an exactly-once block: sent after its commit
-                outbox.append((event_type, event_id, encoded))
+            event_id, encoded, kept = self._prepare(span, event_type, data, user_id, module, event_id, version)
+            if kept:
                 return event_id
             return self.send_encoded(event_type, event_id, encoded)
+
+    def _prepare(
+        self,
+        span: Any,
+        event_type: str,
+        data: Mapping[str, Any] | None,
+        user_id: Any,
+        module: str | None,
+        event_id: str | uuid.UUID | None,
+        version: int | None,
+    ) -> tuple[str, str, bool]:
+        """Build the event: ``(event_id, envelope JSON, kept)``; ``kept`` if an exactly-once
+        block took it, to be sent after its commit."""
+        event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
+        if span is not None:
+            span.set_attribute("messaging.message.id", event_id)
+        outbox = current_outbox()
+        if outbox is not None:
+            outbox.append((event_type, event_id, encoded))
+            return event_id, encoded, True
+        return event_id, encoded, False
 
     def send_encoded(self, event_type: str, event_id: str, encoded: str) -> str:
         """Store an event already built by :meth:`publish` (idempotent per event_id).

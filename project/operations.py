@@ -187,6 +187,14 @@ class _Context:
         self.client.close()
         self.engine.dispose()
 
+    def finish(self, progress: Progress, actor: str, result: OperationResult, flt: Any) -> None:
+        """End a run, however it ended: the progress display, the audit line, the connections."""
+        progress.close()
+        try:
+            self.audit(actor, result, flt)
+        finally:
+            self.close()
+
     def event_types(self, conn: sa.Connection, pattern: str | None, *, every: bool = False) -> list[str] | None:
         """The recorded event types ``pattern`` matches (the dispatcher's matcher), or None for
         all (``every``: the list of all rather than None)."""
@@ -334,11 +342,7 @@ def redrive(
                 _mark_redriven(ctx, sent)
         result.interrupted = stop.is_set() and done < result.selected
     finally:
-        progress.close()
-        try:
-            ctx.audit(_actor(actor), result, flt)
-        finally:
-            ctx.close()
+        ctx.finish(progress, _actor(actor), result, flt)
     return result
 
 
@@ -476,11 +480,7 @@ def replay(
             progress.advance(done, result.sent)
         result.interrupted = stop.is_set() and done < result.selected
     finally:
-        progress.close()
-        try:
-            ctx.audit(_actor(actor), result, flt)
-        finally:
-            ctx.close()
+        ctx.finish(progress, _actor(actor), result, flt)
     return result
 
 
