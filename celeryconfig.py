@@ -16,15 +16,26 @@ from project.settings import get_settings
 _settings = get_settings()
 _keys = Keys(_settings.events_prefix)
 
-broker_url = _settings.redis_url
+# CELERY_BROKER_URL (an AMQP URL: RabbitMQ), or else the event Redis.
+broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
-broker_transport_options = {
-    # Every Celery key lives under the environment's prefix, next to the event keys.
-    "global_keyprefix": _keys.celery_keyprefix,
-    "visibility_timeout": _settings.broker_visibility_timeout_s,
-    "unacked_restore_interval": _settings.broker_restore_interval_s,
-    "unacked_restore_throttle": 1,
-}
+broker_transport_options: dict[str, Any]
+if _settings.broker_is_amqp:
+    # A task Celery itself sends (a retry with its countdown) waits for RabbitMQ's confirm.
+    broker_transport_options = {"confirm_publish": True}
+    # Queues are declared durable, as the router declares them (project.broker.celery_queue);
+    # quorum queues need a topic exchange for Celery's native delayed delivery of retries.
+    task_create_missing_queue_type = "quorum" if _settings.broker_quorum_queues else "classic"
+    task_create_missing_queue_exchange_type = "topic" if _settings.broker_quorum_queues else None
+    task_default_exchange_type = "topic" if _settings.broker_quorum_queues else "direct"
+else:
+    broker_transport_options = {
+        # Every Celery key lives under the environment's prefix, next to the event keys.
+        "global_keyprefix": _keys.celery_keyprefix,
+        "visibility_timeout": _settings.broker_visibility_timeout_s,
+        "unacked_restore_interval": _settings.broker_restore_interval_s,
+        "unacked_restore_throttle": 1,
+    }
 
 # JSON only, everywhere: a pickled message is refused by the worker.
 task_serializer = "json"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import random
 import socket
 import time
@@ -221,7 +222,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.info(
                 "%s[%s]: another copy holds the lease; this copy is deferred by %.1fs", self.name, task_id, delay_s
             )
-            self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s)
+            self._send_later(args, kwargs, task_id, delay_s)
             metrics.record_delivery(self.name, "deferred")
             raise Ignore()
         raise DeliveryExhausted(
@@ -252,6 +253,15 @@ class DeliveryTask(Task):  # type: ignore[misc]
         client.eval(_DONE_LUA, 2, *keys, token, self.bus.settings.delivery_done_ttl_s)
         duplicate = isinstance(retval, dict) and retval.get("status") == "duplicate"
         metrics.record_delivery(self.name, "skipped" if duplicate else "succeeded")
+
+    def _send_later(self, args: Any, kwargs: Any, task_id: str, delay_s: float, **options: Any) -> None:
+        """Send this delivery again (same task id) to run in ``delay_s`` seconds."""
+        s = self.bus.settings
+        if s.broker_is_amqp and s.broker_quorum_queues:
+            # On quorum queues Celery delays through RabbitMQ's delayed-delivery exchanges, in
+            # whole seconds; it refuses a countdown that rounds down to 0.
+            delay_s = float(math.ceil(delay_s))
+        self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s, **options)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], einfo: Any
@@ -286,7 +296,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 "%s[%s]: attempt %d of %d failed (%r); retrying in %.1fs",
                 self.name, task_id, attempts, self.max_attempts, exc, delay_s,
             )  # fmt: skip
-            self.apply_async(args, kwargs, task_id=task_id, countdown=delay_s, retries=attempts)
+            self._send_later(args, kwargs, task_id, delay_s, retries=attempts)
             metrics.record_delivery(self.name, "retried")
             return
         metrics.record_delivery(self.name, "dead")

@@ -10,6 +10,9 @@ that ``app.amqp.as_task_v2`` + ``Channel._inplace_augment_message`` produce;
 ``tests/unit/test_wire_format.py`` compares the two field by field, and ``tests/integration``
 runs these messages through real workers.
 
+With Celery's queues on RabbitMQ, the same body and headers (:class:`TaskMessage`) are
+published as an AMQP message instead (project.broker), with the properties Celery gives it.
+
 An event published inside a span also carries its W3C trace context in the task headers, as
 ``traceparent`` / ``tracestate``: where Celery's OpenTelemetry instrumentation puts it when
 it sends a task, and reads it back from ``task.request``. A worker instrumented that way
@@ -22,9 +25,10 @@ import base64
 import json
 import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["build_task_message", "delivery_task_id", "wrap_message"]
+__all__ = ["TaskMessage", "build_task_message", "delivery_task_id", "task_message", "wrap_message"]
 
 # Fixed namespace: the same (event_id, handler) always gets the same task_id.
 _TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
@@ -40,7 +44,25 @@ def delivery_task_id(event_id: str, handler: str) -> str:
     return str(uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}"))
 
 
-def build_task_message(
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """One Celery task message, before a broker's framing: what the Redis form and the AMQP form share."""
+
+    queue: str
+    task_id: str
+    body: bytes
+    headers: dict[str, Any]
+
+    def amqp_properties(self) -> dict[str, Any]:
+        """The AMQP message properties Celery sends a task with (content type and encoding aside)."""
+        return {"correlation_id": self.task_id, "reply_to": _REPLY_TO, "delivery_mode": 2}
+
+    def redis_form(self) -> str:
+        """The JSON kombu's Redis transport keeps on the queue's list."""
+        return wrap_message(self.body, self.headers, queue=self.queue, task_id=self.task_id)
+
+
+def task_message(
     *,
     task_name: str,
     task_id: str,
@@ -50,8 +72,8 @@ def build_task_message(
     event_id: str,
     traceparent: str | None = None,
     tracestate: str | None = None,
-) -> str:
-    """Return the JSON of one Celery message that calls ``task_name(envelope)`` on ``queue``.
+) -> TaskMessage:
+    """The Celery message that calls ``task_name(envelope)`` on ``queue``.
 
     ``envelope_json`` must already be validated JSON; it is embedded as the single argument.
     ``traceparent`` and ``tracestate``, the envelope's trace context, become headers of the
@@ -85,7 +107,12 @@ def build_task_message(
         headers["traceparent"] = traceparent
         if tracestate:
             headers["tracestate"] = tracestate
-    return wrap_message(body.encode(), headers, queue=queue, task_id=task_id)
+    return TaskMessage(queue, task_id, body.encode(), headers)
+
+
+def build_task_message(**fields: Any) -> str:
+    """:func:`task_message` in the form kombu's Redis transport stores (the JSON on the list)."""
+    return task_message(**fields).redis_form()
 
 
 def wrap_message(body: bytes, headers: dict[str, Any], *, queue: str, task_id: str) -> str:

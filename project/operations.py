@@ -37,10 +37,11 @@ from typing import Any, Protocol
 import redis
 import sqlalchemy as sa
 
+from project.broker import sender_for
 from project.bus import EventBus
 from project.errors import EventBusError
 from project.keys import Keys
-from project.messages import build_task_message, delivery_task_id
+from project.messages import delivery_task_id, task_message
 from project.patterns import PatternTrie, validate_pattern
 from project.reconciler import record_envelope
 from project.records import delivery_record, event_record
@@ -65,8 +66,9 @@ _REPLAY_MARK_TTL_S = 90 * 86400
 REDRIVABLE = ("dead", "rejected")
 
 # KEYS: delivery hash, queue, log buffer. ARGV: task message, attempts on record, max attempts,
-# state ttl s, log record. Sends only a delivery that is settled in Redis (or forgotten): one
-# already redriven and not settled again is in flight, so a second run skips it.
+# state ttl s, log record, push ('1': LPUSH the message; '0': Celery's queues are on RabbitMQ
+# and the caller publishes it). Sends only a delivery that is settled in Redis (or forgotten):
+# one already redriven and not settled again is in flight, so a second run skips it.
 _REDRIVE_LUA = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st and st ~= 'dead' then return st end
@@ -74,9 +76,16 @@ local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or ARGV[2])
 if a < tonumber(ARGV[2]) then a = tonumber(ARGV[2]) end
 redis.call('HSET', KEYS[1], 'state', 'redriven', 'attempts', a, 'budget', a + tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('LPUSH', KEYS[2], ARGV[1])
+if ARGV[6] == '1' then redis.call('LPUSH', KEYS[2], ARGV[1]) end
 redis.call('XADD', KEYS[3], '*', 'r', ARGV[5])
 return 'sent'
+"""
+
+# RabbitMQ: a redrive whose publish failed is settled again, so the next run sends it.
+# KEYS: delivery hash.
+_UNREDRIVE_LUA = """
+if redis.call('HGET', KEYS[1], 'state') == 'redriven' then redis.call('HSET', KEYS[1], 'state', 'dead') end
+return 0
 """
 
 # KEYS: sent mark, log buffer, queue of each delivery. ARGV: mark ttl s, log record, the task
@@ -177,6 +186,7 @@ class _Context:
         self.keys = Keys(settings.events_prefix)
         self.client = redis.Redis.from_url(settings.redis_url)
         self.engine = sa.create_engine(settings.database_url, pool_pre_ping=True, poolclass=sa.pool.NullPool)
+        self.sender = sender_for(settings)  # Celery's queues on RabbitMQ, else None
         if registry is None:
             bus = EventBus(settings)
             bus.load_modules()
@@ -184,6 +194,8 @@ class _Context:
         self.registry = registry
 
     def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
         self.client.close()
         self.engine.dispose()
 
@@ -362,19 +374,26 @@ def _redrive_one(
             f"{row.attempts} attempts) to {queue!r}"
         )
         return False
-    message = build_task_message(
+    task = task_message(
         task_name=row.handler, task_id=task_id, queue=queue, envelope_json=record_envelope(row),
         event_type=row.event_type, event_id=row.event_id,
     )  # fmt: skip
     max_attempts = (sub.max_retries if sub else ctx.settings.delivery_max_retries) + 1
     note = f"redriven by {_actor(actor)} (was {row.status} after {row.attempts} attempts)"
+    push = ctx.sender is None
     verdict = script(
         keys=[ctx.keys.delivery(task_id), ctx.keys.celery_queue(queue), ctx.keys.log_buffer],
-        args=[message, row.attempts, max_attempts, ctx.settings.delivery_done_ttl_s,
-              delivery_record(row.event_id, row.handler, "dispatched", None, note)],
+        args=[task.redis_form() if push else "", row.attempts, max_attempts, ctx.settings.delivery_done_ttl_s,
+              delivery_record(row.event_id, row.handler, "dispatched", None, note), "1" if push else "0"],
     )  # fmt: skip
     verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
     if verdict == "sent":
+        if ctx.sender is not None:
+            try:
+                ctx.sender.send([task])
+            except BaseException:
+                ctx.client.eval(_UNREDRIVE_LUA, 1, ctx.keys.delivery(task_id))
+                raise
         result.sent += 1
         return True
     result.skipped += 1
@@ -533,8 +552,8 @@ def _replay_one(ctx: _Context, script: Any, row: Any, only: Subscription | None,
         result.lines.append(f"would replay {row.event_type} {row.event_id} as {copy_id} to {names}")
         return
     envelope_json = json.dumps(envelope, separators=(",", ":"))
-    messages = [
-        build_task_message(
+    tasks = [
+        task_message(
             task_name=s.name,
             task_id=delivery_task_id(copy_id, s.name),
             queue=s.queue,
@@ -545,10 +564,20 @@ def _replay_one(ctx: _Context, script: Any, row: Any, only: Subscription | None,
         for s in subs
     ]
     record = event_record(envelope_json, [(s.name, s.queue) for s in subs])
-    sent = script(
-        keys=[ctx.keys.replayed(copy_id), ctx.keys.log_buffer, *(ctx.keys.celery_queue(s.queue) for s in subs)],
-        args=[_REPLAY_MARK_TTL_S, record, *messages],
-    )
+    mark = ctx.keys.replayed(copy_id)
+    if ctx.sender is None:
+        sent = script(
+            keys=[mark, ctx.keys.log_buffer, *(ctx.keys.celery_queue(s.queue) for s in subs)],
+            args=[_REPLAY_MARK_TTL_S, record, *(t.redis_form() for t in tasks)],
+        )
+    elif ctx.client.exists(mark):
+        sent = 0
+    else:
+        # RabbitMQ: published and confirmed first, then marked and recorded. A run that dies in
+        # between sends the copy again on its next run, with the same task ids: done markers
+        # run it once.
+        ctx.sender.send(tasks)
+        sent = script(keys=[mark, ctx.keys.log_buffer], args=[_REPLAY_MARK_TTL_S, record])
     if int(sent):
         result.sent += 1
     else:

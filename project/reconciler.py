@@ -34,9 +34,10 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from project.broker import CONNECTION_ERRORS, BrokerError, sender_for
 from project.keys import Keys
 from project.lease import new_token
-from project.messages import build_task_message
+from project.messages import task_message
 from project.records import delivery_record
 from project.settings import Settings
 
@@ -83,6 +84,10 @@ def record_envelope(row: Any) -> str:
     return json.dumps(envelope, separators=(",", ":"))
 
 
+# What a pass may meet that says nothing of the deliveries: the next pass tries again.
+_OUTAGES: tuple[type[Exception], ...] = (redis.RedisError, sa.exc.SQLAlchemyError, BrokerError, *CONNECTION_ERRORS)
+
+
 class Reconciler:
     """Finds deliveries lost between Redis and a worker, and sends them again."""
 
@@ -92,6 +97,7 @@ class Reconciler:
         self.client = client or redis.Redis.from_url(settings.redis_url)
         self.engine = engine or sa.create_engine(settings.database_url, pool_pre_ping=True, pool_size=1)
         self._token = new_token()
+        self.sender = sender_for(settings)  # Celery's queues on RabbitMQ, else None
         self.resent = 0
         self._reported_old = 0
 
@@ -103,10 +109,12 @@ class Reconciler:
         while not stop.wait(s.reconcile_interval_s):
             try:
                 self.reconcile_once()
-            except (redis.RedisError, sa.exc.SQLAlchemyError) as exc:
+            except _OUTAGES as exc:
                 log.warning("reconciler: %s; trying again in %.0fs", str(exc).splitlines()[0], s.reconcile_interval_s)
             except Exception:  # a bug must not end the router's process
                 log.exception("reconciler: unexpected error")
+        if self.sender is not None:
+            self.sender.close()
 
     def reconcile_once(self) -> int:
         """One pass (if no other router holds the pass); return how many deliveries were sent again."""
@@ -163,9 +171,8 @@ class Reconciler:
         log.warning("reconciler: recorded %d settled deliveries whose own record was lost", len(rows))
 
     def _resend(self, rows: list[tuple[Any, str]]) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        for row, why in rows:
-            message = build_task_message(
+        tasks = [
+            task_message(
                 task_name=row.handler,
                 task_id=row.task_id,
                 queue=row.queue,
@@ -173,7 +180,14 @@ class Reconciler:
                 event_type=row.event_type,
                 event_id=row.event_id,
             )
-            pipe.lpush(self.keys.celery_queue(row.queue), message)
+            for row, _ in rows
+        ]
+        if self.sender is not None:  # RabbitMQ: confirmed before it is recorded as sent
+            self.sender.send(tasks)
+        pipe = self.client.pipeline(transaction=True)
+        for (row, why), task in zip(rows, tasks, strict=True):
+            if self.sender is None:
+                pipe.lpush(self.keys.celery_queue(row.queue), task.redis_form())
             note = f"sent again by the reconciler: {why} (last change {row.updated_at.isoformat()})"
             pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, "dispatched", None, note)})
         pipe.execute()

@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from project.broker import sender_for
 from project.bus import EventBus
-from project.messages import wrap_message
+from project.messages import TaskMessage
 from project.records import delivery_record
 
 __all__ = ["RejectedTask", "list_rejected", "requeue_rejected"]
@@ -64,11 +65,21 @@ def requeue_rejected(bus: EventBus, handler: str | None = None, dry_run: bool = 
     if dry_run or not rejected:
         return rejected
     keys = bus.keys
+    tasks = [
+        TaskMessage(r.queue, r.task_id, base64.b64decode(r.fields["body"]), json.loads(r.fields["headers"]))
+        for r in rejected
+    ]
+    sender = sender_for(bus.settings)
+    if sender is not None:  # RabbitMQ: confirmed before the entries leave the stream
+        try:
+            sender.send(tasks)
+        finally:
+            sender.close()
     pipe = bus.sync_client().pipeline(transaction=True)
-    for r in rejected:
-        body = base64.b64decode(r.fields["body"])
-        message = wrap_message(body, json.loads(r.fields["headers"]), queue=r.queue, task_id=r.task_id)
-        pipe.lpush(keys.celery_queue(r.queue), message)
+    for r, task in zip(rejected, tasks, strict=True):
+        body = task.body
+        if sender is None:
+            pipe.lpush(keys.celery_queue(r.queue), task.redis_form())
         pipe.xdel(keys.rejected_tasks, r.entry_id)
         try:
             event_id = json.loads(body)[0][0]["event_id"]

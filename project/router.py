@@ -9,6 +9,12 @@ dispatched once even when routers crash (its messages were either all sent and t
 acknowledged, or neither) or when two routers race for an entry (the one that no longer
 owns it sends nothing).
 
+With Celery's queues on RabbitMQ (``CELERY_BROKER_URL`` an AMQP URL), the script cannot send
+the tasks. The router then publishes them first, on one held channel, waits for RabbitMQ's
+publisher confirms, and runs the same script without the pushes to acknowledge and record
+(project.broker). A crash between the two sends the entries' tasks again, and the workers'
+done markers run each handler's effect once.
+
 A batch is cut into script calls of at most ``ROUTER_BATCH_MAX_BYTES``; an entry Redis keeps
 refusing is dead-lettered on its own rather than holding up the ones after it. Every
 ``ROUTER_TRIM_INTERVAL_S`` the stream is trimmed up to the oldest entry a consumer group
@@ -29,11 +35,12 @@ from typing import Any
 
 import redis
 
+from project.broker import CONNECTION_ERRORS, AmqpSender, BrokerError, sender_for
 from project.consumer import ConsumerConfig, GroupConsumer
 from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
 from project.keys import ROUTER_GROUP, Keys
-from project.messages import build_task_message, delivery_task_id
+from project.messages import TaskMessage, delivery_task_id, task_message
 from project.observability import metrics
 from project.records import event_record
 from project.registry import Registry
@@ -150,6 +157,23 @@ end
 return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
 """
 
+# RabbitMQ broker, before publishing: which entries may still be sent by this router.
+# KEYS: stream, then the dedup keys of the entries' event_ids. ARGV: group, consumer, then per
+# entry: id, dedup KEYS index (0: none). Returns the ids still pending for this consumer whose
+# event_id was not published as another entry (the same checks the dispatch script makes).
+_OWNED_LUA = """
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id, pub = ARGV[i], tonumber(ARGV[i + 1])
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
+    local prev = false
+    if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
+    if not prev or prev == id then out[#out + 1] = id end
+  end
+end
+return out
+"""
+
 # Trims the stream up to the oldest entry some consumer group still needs: its oldest
 # pending entry, or else the one after the last it read. One script, so a group created
 # (or an entry read) meanwhile cannot slip between computing the bound and trimming.
@@ -217,9 +241,15 @@ class _Item:
     a: str  # the log record, or the reason
     b: str  # the raw entry, for a dead letter
     event_id: str | None
+    # Redis broker: (queue, message as kombu's Redis transport stores it), pushed by the script.
     messages: list[tuple[str, str]] = field(default_factory=list)
     fields: Any = None
     event_type: str = ""
+    # RabbitMQ broker: the tasks, published (and confirmed) before the script runs.
+    tasks: list[TaskMessage] = field(default_factory=list)
+
+    def queues(self) -> list[str]:
+        return [q for q, _ in self.messages] or [t.queue for t in self.tasks]
 
     def size(self) -> int:
         strings = [self.eid, self.a, self.b, *(m for _, m in self.messages)]
@@ -259,6 +289,9 @@ class Router:
         self.client = client or redis.Redis.from_url(settings.redis_url)
         self.stats = RouterStats()
         self._script = self.client.register_script(_DISPATCH_LUA)
+        self._owned_script = self.client.register_script(_OWNED_LUA)
+        # Celery's queues on RabbitMQ: tasks are published with confirms before the script.
+        self.sender: AmqpSender | None = sender_for(settings)
         self._trim_script = self.client.register_script(_TRIM_LUA)
         self._call_failures = 0
         self._shed_unlogged = 0
@@ -278,6 +311,7 @@ class Router:
                 chores=((settings.router_trim_interval_s, self.trim),),
             ),
             self.dispatch,
+            is_outage=lambda exc: isinstance(exc, (redis.RedisError, BrokerError, *CONNECTION_ERRORS)),
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -286,6 +320,8 @@ class Router:
             self.loop.run(stop)
         finally:
             self.stats.errors = self.loop.errors
+            if self.sender is not None:
+                self.sender.close()
 
     def trim(self) -> int:
         """Trim the stream up to the oldest entry any consumer group still needs; return how many went."""
@@ -342,8 +378,31 @@ class Router:
                 log.error("router: entry %s dead-lettered: %s", item.eid, reason)
                 self._call([_Item(item.eid, "x", reason, _raw(item.fields), None, fields=item.fields)])
 
+    def _publish(self, items: list[_Item]) -> None:
+        """RabbitMQ: publish the tasks of the entries still ours, and wait for RabbitMQ's confirms.
+
+        The script that acknowledges them runs after this returns. Should this router die in
+        between, the router that takes the entries over sends them again (same task ids).
+        """
+        assert self.sender is not None
+        candidates = [item for item in items if item.kind == "d" and item.tasks]
+        if not candidates:
+            return
+        keys: list[str] = [self.keys.stream]
+        argv: list[Any] = [ROUTER_GROUP, self.consumer]
+        for item in candidates:
+            pub = 0
+            if item.event_id is not None:
+                keys.append(self.keys.published(item.event_id))
+                pub = len(keys)
+            argv += [item.eid, pub]
+        owned = {_text(eid) for eid in self._owned_script(keys=keys, args=argv)}
+        self.sender.send([task for item in candidates if item.eid in owned for task in item.tasks])
+
     def _call(self, items: list[_Item]) -> None:
         s, keys = self.settings, self.keys
+        if self.sender is not None:
+            self._publish(items)
         queue_keys: dict[str, int] = {}
         for item in items:
             for queue, _ in item.messages:
@@ -420,25 +479,25 @@ class Router:
             raise MalformedEnvelope("entry is not UTF-8") from None
         envelope = decode_envelope(text, self.settings.events_max_data_bytes)
         deliveries: list[tuple[str, str]] = []
-        messages: list[tuple[str, str]] = []
+        tasks: list[TaskMessage] = []
         for sub in self.registry.match(envelope.event_type):
             deliveries.append((sub.name, sub.queue))
-            messages.append(
-                (
-                    sub.queue,
-                    build_task_message(
-                        task_name=sub.name,
-                        task_id=delivery_task_id(envelope.event_id, sub.name),
-                        queue=sub.queue,
-                        envelope_json=text,
-                        event_type=envelope.event_type,
-                        event_id=envelope.event_id,
-                        traceparent=envelope.traceparent,
-                        tracestate=envelope.tracestate,
-                    ),
+            tasks.append(
+                task_message(
+                    task_name=sub.name,
+                    task_id=delivery_task_id(envelope.event_id, sub.name),
+                    queue=sub.queue,
+                    envelope_json=text,
+                    event_type=envelope.event_type,
+                    event_id=envelope.event_id,
+                    traceparent=envelope.traceparent,
+                    tracestate=envelope.tracestate,
                 )
             )
         record = event_record(text, deliveries)
+        if self.sender is not None:
+            return _Item(eid, "d", record, "", envelope.event_id, [], fields, envelope.event_type, tasks)
+        messages = [(t.queue, t.redis_form()) for t in tasks]
         return _Item(eid, "d", record, "", envelope.event_id, messages, fields, envelope.event_type)
 
 
@@ -448,7 +507,7 @@ def _count(items: list[_Item], dead: int, skipped: int, dups: int, passed: set[s
     metrics.record_dispatch(
         {"dispatched": len(sent), "dead_lettered": dead, "skipped": skipped, "duplicate": dups},
         [item.event_type for item in sent],
-        [queue for item in sent for queue, _ in item.messages],
+        [queue for item in sent for queue in item.queues()],
     )
 
 

@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
 
 class Settings(BaseSettings):
     """Everything the dispatcher, its workers and its tools can be configured with.
@@ -21,6 +24,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Where Celery's queues live. Unset, in REDIS_URL's Redis beside the events. An AMQP URL
+    # (amqp://user:password@host:5672/vhost) puts them on RabbitMQ: durable queues, and the
+    # router waits for RabbitMQ's publisher confirms before it acknowledges an event. On
+    # RabbitMQ, EVENTS_PREFIX does not name the queues: give each environment its own vhost.
+    celery_broker_url: str | None = None
+    # RabbitMQ only: declare the handlers' queues as quorum queues (replicated across the
+    # cluster's nodes) instead of classic ones. Every worker and router must agree.
+    broker_quorum_queues: bool = False
+    # RabbitMQ only: how long a router waits for the confirms of one batch before it gives
+    # up, reconnects and sends the batch again.
+    broker_confirm_timeout_s: float = Field(30.0, gt=0)
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/eventbus"
     # Isolates environments (and test runs) that share one Redis: every key, channel and
     # Celery queue is named under it.
@@ -130,9 +144,37 @@ class Settings(BaseSettings):
                 f"BROKER_VISIBILITY_TIMEOUT_S ({self.broker_visibility_timeout_s}), or a task "
                 "redelivered after a lost worker could run twice"
             )
+        if not self.broker_is_amqp and self.broker_url != self.redis_url:
+            raise ValueError(
+                "CELERY_BROKER_URL names a Redis other than REDIS_URL's: on Redis, Celery's queues must live "
+                "in the event Redis (the router sends a task in the same script that acknowledges its event); "
+                "unset CELERY_BROKER_URL, or give an AMQP URL"
+            )
         if self.delivery_lease_s * 1000 >= self.broker_visibility_timeout_s * 1000:
             raise ValueError("DELIVERY_LEASE_S must be shorter than BROKER_VISIBILITY_TIMEOUT_S")
         return self
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in _AMQP_SCHEMES + _REDIS_SCHEMES:
+            raise ValueError(
+                f"CELERY_BROKER_URL must be an AMQP URL (amqp://, amqps://) or a Redis URL, not {scheme or value!r}"
+            )
+        return value
+
+    @property
+    def broker_url(self) -> str:
+        """The URL Celery's queues live at: ``CELERY_BROKER_URL``, or else ``REDIS_URL``."""
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        """Whether Celery's queues are on RabbitMQ rather than in the event Redis."""
+        return self.broker_url.split("://", 1)[0].lower() in _AMQP_SCHEMES
 
     @field_validator("event_handler_modules", "event_contract_modules", "app_task_modules", mode="before")
     @classmethod
