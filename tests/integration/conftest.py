@@ -6,30 +6,40 @@ database, copied from a template migrated once per session with ``alembic upgrad
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kombu
 import psycopg2
 import pytest
 import redis
 import sqlalchemy as sa
 
+from project.broker import AmqpSender
 from project.bus import EventBus
+from project.messages import TaskMessage
 from project.settings import Settings
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# RabbitMQ, for the tests that run against both brokers (marked ``brokers``): each gets its
+# own vhost, the AMQP counterpart of its own EVENTS_PREFIX.
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 HANDLERS = "tests.integration.app"
 QUEUES = "alpha,beta,gamma"
+BROKERS = ("redis", "rabbitmq")
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +90,33 @@ def database(template_db: str, prefix: str) -> Iterator[str]:
     _pg_admin(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield name
     _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``brokers`` runs once with Celery's queues in Redis and once on RabbitMQ."""
+    if metafunc.definition.get_closest_marker("brokers") and "broker" in metafunc.fixturenames:
+        metafunc.parametrize("broker", BROKERS, indirect=True)
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> str:
+    """Where this test's Celery queues live: ``redis`` (the default) or ``rabbitmq``."""
+    return str(getattr(request, "param", "redis"))
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def amqp_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost for one test (guest may use it); its AMQP URL. Deleted afterwards."""
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_URL}/{name}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
 @dataclass
@@ -147,7 +184,51 @@ class Stack:
         wait_for(idle, timeout_s=timeout_s, what="router and log writer to catch up")
 
     def queue_length(self, queue: str) -> int:
+        """Messages waiting on ``queue`` that no worker has taken (on either broker)."""
+        if self.settings.broker_is_amqp:
+            sender = AmqpSender(self.settings)
+            try:
+                return sender.depth(queue) or 0
+            finally:
+                sender.close()
         return int(self.redis.llen(self.bus().keys.celery_queue(queue)))
+
+    def send_copy(self, task: TaskMessage) -> None:
+        """Put ``task`` on its queue, as a broker's redelivery would."""
+        if self.settings.broker_is_amqp:
+            sender = AmqpSender(self.settings)
+            try:
+                sender.send([task])
+            finally:
+                sender.close()
+        else:
+            self.redis.lpush(self.bus().keys.celery_queue(task.queue), task.redis_form())
+
+    def newest(self, queue: str) -> tuple[dict[str, Any], bytes]:
+        """The headers and body of the task sent last to ``queue`` (left on it)."""
+        if not self.settings.broker_is_amqp:
+            message = json.loads(self.redis.lindex(self.bus().keys.celery_queue(queue), 0))
+            return message["headers"], base64.b64decode(message["body"])
+        with kombu.Connection(self.settings.broker_url) as conn:
+            channel = conn.channel()
+            last = None
+            while (got := channel.basic_get(queue, no_ack=False)) is not None:
+                last = got
+            assert last is not None, f"{queue} is empty"
+            # Closing the channel unacknowledged puts every message back.
+            body = last.body
+            return dict(last.headers), body if isinstance(body, bytes) else str(body).encode()
+
+    def purge(self, queue: str) -> None:
+        """Drop what waits on ``queue``: what a broker loses when a worker dies holding it."""
+        if self.settings.broker_is_amqp:
+            sender = AmqpSender(self.settings)
+            try:
+                sender.purge(queue)
+            finally:
+                sender.close()
+        else:
+            self.redis.delete(self.bus().keys.celery_queue(queue))
 
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
@@ -225,8 +306,23 @@ class Stack:
 
 
 @pytest.fixture
-def stack(prefix: str, database: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    env = {
+def stack(prefix: str, database: str, broker: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with ExitStack() as cleanup:
+        env = _stack_env(prefix, database)
+        if broker == "rabbitmq":
+            env["CELERY_BROKER_URL"] = cleanup.enter_context(amqp_vhost(f"eventbus-{prefix}"))
+        s = Stack(prefix=prefix, database=database, workdir=tmp_path, env=env)
+        yield s
+        for name in list(s.procs):
+            s.stop(name)
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            for log in sorted(tmp_path.glob("*.log")):
+                sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-6000:]}\n")
+
+
+def _stack_env(prefix: str, database: str) -> dict[str, str]:
+    return {
         "REDIS_URL": REDIS_URL,
         "DATABASE_URL": _db_url(database),
         "EVENTS_PREFIX": prefix,
@@ -243,14 +339,6 @@ def stack(prefix: str, database: str, tmp_path: Path, request: pytest.FixtureReq
         "DELIVERY_LEASE_S": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    s = Stack(prefix=prefix, database=database, workdir=tmp_path, env=env)
-    yield s
-    for name in list(s.procs):
-        s.stop(name)
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for log in sorted(tmp_path.glob("*.log")):
-            sys.stderr.write(f"\n----- {log.name} -----\n{log.read_text(errors='replace')[-6000:]}\n")
 
 
 @pytest.hookimpl(wrapper=True)

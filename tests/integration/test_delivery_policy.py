@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from project.messages import delivery_task_id
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
@@ -29,6 +31,7 @@ def _module_errors(stack: Stack) -> list[dict[str, object]]:
     return [r.data for r in rows]
 
 
+@pytest.mark.brokers
 def test_handler_past_its_hard_time_limit_is_retried_and_then_succeeds(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -39,6 +42,7 @@ def test_handler_past_its_hard_time_limit_is_retried_and_then_succeeds(stack: St
     assert "Hard time limit (1.5s) exceeded" in stack.log("worker")
 
 
+@pytest.mark.brokers
 def test_handler_always_past_its_time_limit_ends_dead_with_module_error(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -62,6 +66,7 @@ def test_soft_time_limit_is_raised_inside_the_handler_first(stack: Stack) -> Non
     assert "Hard time limit" not in stack.log("worker")
 
 
+@pytest.mark.brokers
 def test_handler_killing_its_process_counts_attempts_and_ends_dead(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -109,6 +114,7 @@ def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(sta
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
+@pytest.mark.brokers
 def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stack: Stack) -> None:
     # A rolling deploy: the router has a handler the running worker does not have yet.
     stack.start_worker(queues="alpha")
@@ -134,6 +140,7 @@ def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stac
     assert stack.redis.xlen(stack.bus().keys.rejected_tasks) == 0
 
 
+@pytest.mark.brokers
 def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(stack: Stack) -> None:
     stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
     stack.start_router()
@@ -141,10 +148,9 @@ def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(sta
     event_id = bus.publish_sync("user.birth_data.updated", user_id=7)
     stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "dispatched", e=event_id, h=f"{APP}.on_birth_data")
     # What kombu's BRPOP loses when a worker dies with the message in flight.
-    queue = bus.keys.celery_queue("alpha")
-    wait_for(lambda: stack.redis.llen(queue) == 1, what="the task on its queue")
-    stack.redis.delete(queue)
-    wait_for(lambda: stack.redis.llen(queue) == 1, timeout_s=30, what="the reconciler to send it again")
+    wait_for(lambda: stack.queue_length("alpha") == 1, what="the task on its queue")
+    stack.purge("alpha")
+    wait_for(lambda: stack.queue_length("alpha") == 1, timeout_s=30, what="the reconciler to send it again")
     assert "dispatched and never started; sent again" in stack.log("router")
     stack.start_worker(queues="alpha")
     _delivery(stack, event_id, "on_birth_data", "succeeded")
@@ -153,6 +159,7 @@ def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(sta
     assert seen["user_id"] == 7  # rebuilt from the record, with user_id's type
 
 
+@pytest.mark.brokers
 def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_lost(stack: Stack) -> None:
     stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
     stack.start_router()
@@ -162,9 +169,8 @@ def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_
     handler = f"{APP}.on_birth_data"
     for event_id in (settled, orphaned):
         stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "dispatched", e=event_id, h=handler)
-    queue = bus.keys.celery_queue("alpha")
-    wait_for(lambda: stack.redis.llen(queue) == 2, what="both tasks queued")
-    stack.redis.delete(queue)
+    wait_for(lambda: stack.queue_length("alpha") == 2, what="both tasks queued")
+    stack.purge("alpha")
     # One was done by a worker whose success record was lost; the other's worker died while
     # running it, after its lease lapsed.
     stack.redis.hset(bus.keys.delivery(delivery_task_id(settled, handler)), mapping={"state": "done", "attempts": 1})
@@ -173,7 +179,7 @@ def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_
     )
     row = stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=settled, h=handler)[0]
     assert row.attempts == 1
-    wait_for(lambda: stack.redis.llen(queue) == 1, timeout_s=30, what="the orphaned delivery sent again")
+    wait_for(lambda: stack.queue_length("alpha") == 1, timeout_s=30, what="the orphaned delivery sent again")
     assert "with no worker holding its lease" in stack.log("router")
     stack.start_worker(queues="alpha")
     _delivery(stack, orphaned, "on_birth_data", "succeeded")

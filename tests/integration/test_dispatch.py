@@ -6,8 +6,12 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.brokers
 
 
 def test_application_publish_call_reaches_handler_and_events_log(stack: Stack) -> None:

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from project.messages import build_task_message, delivery_task_id
+from project.messages import delivery_task_id, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.brokers
 
 DELIVERY = "SELECT status, attempts FROM event_deliveries WHERE event_id = :e AND handler = :h"
 APP = "tests.integration.app"
@@ -52,9 +54,8 @@ def test_redis_effect_and_its_event_happen_once_even_if_the_process_dies_after_c
     # A copy arriving later (a redelivery) changes nothing.
     task_id = delivery_task_id(event_id, f"{APP}.once_in_redis")
     envelope = json.loads(stack.redis.xrange(bus.keys.stream, count=1)[0][1][b"e"])
-    stack.redis.lpush(
-        bus.keys.celery_queue("gamma"),
-        build_task_message(
+    stack.send_copy(
+        task_message(
             task_name=f"{APP}.once_in_redis", task_id=task_id, queue="gamma",
             envelope_json=json.dumps(envelope), event_type=envelope["event_type"], event_id=event_id,
         ),

@@ -15,6 +15,7 @@ from tests.integration.conftest import PG_DSN, Stack, _pg_admin
 DELIVERIES = "SELECT handler, status, attempts, error FROM event_deliveries WHERE event_id = :e"
 
 
+@pytest.mark.brokers
 def test_handler_failing_until_it_succeeds_is_retried(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -24,6 +25,7 @@ def test_handler_failing_until_it_succeeds_is_retried(stack: Stack) -> None:
     assert stack.runs() == {f"{event_id}:flaky": 3}
 
 
+@pytest.mark.brokers
 def test_handler_that_always_fails_is_dead_and_module_error_is_published(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -43,6 +45,7 @@ def test_handler_that_always_fails_is_dead_and_module_error_is_published(stack: 
     assert report["data"]["attempts"] == 3
 
 
+@pytest.mark.brokers
 def test_failing_module_error_handler_never_publishes_another(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -55,6 +58,7 @@ def test_failing_module_error_handler_never_publishes_another(stack: Stack) -> N
     assert [tuple(r) for r in rows] == [("module.error", None)]
 
 
+@pytest.mark.brokers
 def test_loop_guard_stops_a_handler_republishing_its_own_event(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()

@@ -8,8 +8,12 @@ import signal
 import threading
 import time
 
+import pytest
+
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.brokers
 
 EVENTS = 2000
 HANDLERS = ("on_bulk", "on_bulk_item")  # queues beta and gamma
@@ -32,9 +36,14 @@ def _publish_in_background(stack: Stack, count: int, ids: list[str]) -> threadin
 def _assert_each_sent_once_then_run_once(stack: Stack, ids: list[str]) -> None:
     assert len(set(ids)) == EVENTS
     stack.settle()
-    # No worker yet: the queues hold exactly what the routers sent.
-    assert stack.queue_length("beta") == EVENTS
-    assert stack.queue_length("gamma") == EVENTS
+    # No worker yet: the queues hold what the routers sent. On Redis that is exactly one task
+    # per delivery (sent and acknowledged in one script). On RabbitMQ a router that died
+    # between its confirms and its acknowledgement leaves copies, which the workers skip.
+    for queue in ("beta", "gamma"):
+        if stack.settings.broker_is_amqp:
+            assert stack.queue_length(queue) >= EVENTS
+        else:
+            assert stack.queue_length(queue) == EVENTS
     stack.start_worker()
     runs = stack.wait_runs(EVENTS * len(HANDLERS), timeout_s=120)
     assert runs == {f"{i}:{h}": 1 for i in ids for h in HANDLERS}

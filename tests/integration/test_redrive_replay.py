@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -10,10 +9,14 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from project.messages import delivery_task_id
 from project.operations import DeliveryFilter, ReplayFilter, backfill, redrive, replay
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
+
+pytestmark = pytest.mark.brokers
 
 APP = "tests.integration.app"
 DELIVERY = "SELECT status, attempts, redrives, redriven_at FROM event_deliveries WHERE event_id = :e AND handler = :h"
@@ -146,12 +149,11 @@ def test_backfill_feeds_a_handler_only_the_past_events_it_subscribes_to(stack: S
     result = backfill(stack.settings, handler, actor="ops")
     assert (result.operation, result.selected, result.sent) == ("backfill", 1, 1)
     assert stack.queue_length("alpha") == before + 1
-    message = json.loads(stack.redis.lindex(stack.bus().keys.celery_queue("alpha"), 0))
-    assert message["headers"]["task"] == handler
-    body = json.loads(base64.b64decode(message["body"]))
-    envelope = body[0][0]
+    headers, body = stack.newest("alpha")
+    assert headers["task"] == handler
+    envelope = json.loads(body)[0][0]
     assert envelope["replay_of"] == storm and envelope["event_type"] == "cosmic.solar_storm.detected"
-    assert message["headers"]["id"] == delivery_task_id(envelope["event_id"], handler)
+    assert headers["id"] == delivery_task_id(envelope["event_id"], handler)
 
 
 def test_the_commands_print_a_dry_run_and_refuse_an_unknown_handler(stack: Stack) -> None:
