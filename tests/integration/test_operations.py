@@ -128,7 +128,7 @@ def test_docker_compose_is_valid_and_every_queue_has_a_worker_service() -> None:
     assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     for name, svc in services.items():
-        if name in ("redis", "postgres", "migrate"):
+        if name in ("redis", "postgres", "migrate", "rabbitmq"):
             continue
         assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
