@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from project.keys import Keys
 from tests.faults import routes
+from tests.rabbitmq import amqp_vhost, queue_depth
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -529,6 +530,10 @@ class Stack:
             engine.dispose()
 
     def queue_length(self, queue: str) -> int:
+        """Messages waiting on ``queue`` that no worker has taken (on either broker)."""
+        settings = self.settings()
+        if settings.broker_is_amqp:
+            return queue_depth(settings, queue)
         return int(self.redis.llen(self.keys.celery_queue(queue)))
 
     def busy_child(self, worker: Proc, node: str = "host") -> int | None:
@@ -883,9 +888,16 @@ class Lab:
         self._cleanups.append(host.destroy)
         return host.create()
 
-    def stack(self, *, redis_url: str = SHARED_REDIS_URL, **env: str) -> Stack:
-        """A new environment with its own prefix and database, on ``redis_url``."""
+    def stack(self, *, redis_url: str = SHARED_REDIS_URL, broker: str = "redis", **env: str) -> Stack:
+        """A new environment with its own prefix and database, on ``redis_url``.
+
+        ``broker`` ``rabbitmq``: Celery's queues in a vhost of its own on the machine's RabbitMQ.
+        """
         prefix = f"f{uuid.uuid4().hex[:11]}"
+        if broker == "rabbitmq":
+            vhost = amqp_vhost(f"eventbus-{prefix}")
+            env = {"CELERY_BROKER_URL": vhost.__enter__(), **env}
+            self._cleanups.append(lambda: vhost.__exit__(None, None, None))
         database = f"eb_{prefix}"
         pg_admin(f"CREATE DATABASE {database} TEMPLATE {self.template}")
         self._cleanups.append(lambda: drop_database(database))

@@ -80,6 +80,7 @@ _fields = st.dictionaries(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.brokers
 def test_fuzzed_stream_entries_are_dead_lettered_or_delivered_and_nothing_dies(stack: Stack) -> None:
     _start(stack)
     injected: dict[str, dict[bytes, bytes]] = {}

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
     [(1, "succeeded", 2), (99, "dead", 3)],  # self_killer: max_retries=2, so 3 attempts at most
     ids=["stops-killing-itself", "always-kills-itself"],
 )
+@pytest.mark.brokers
 def test_handler_killing_its_own_process_ends_succeeded_or_dead(
     stack: Stack, kills: int, status: str, attempts: int
 ) -> None:
@@ -39,6 +40,7 @@ def test_handler_killing_its_own_process_ends_succeeded_or_dead(
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.brokers
 def test_handler_past_its_time_limit_counts_an_attempt_and_runs_again(stack: Stack, mode: str) -> None:
     stack.start_router()
     stack.start_worker(queues="fc", concurrency=1)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +30,13 @@ from project.bus import EventBus
 from project.messages import TaskMessage
 from project.settings import Settings
 from tests.conftest import wait_for
+from tests.rabbitmq import BROKERS, amqp_vhost, queue_depth
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-# RabbitMQ, for the tests that run against both brokers (marked ``brokers``): each gets its
-# own vhost, the AMQP counterpart of its own EVENTS_PREFIX.
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 HANDLERS = "tests.integration.app"
 QUEUES = "alpha,beta,gamma"
-BROKERS = ("redis", "rabbitmq")
 
 pytestmark = pytest.mark.integration
 
@@ -102,21 +99,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def broker(request: pytest.FixtureRequest) -> str:
     """Where this test's Celery queues live: ``redis`` (the default) or ``rabbitmq``."""
     return str(getattr(request, "param", "redis"))
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextmanager
-def amqp_vhost(name: str) -> Iterator[str]:
-    """A RabbitMQ vhost for one test (guest may use it); its AMQP URL. Deleted afterwards."""
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"{AMQP_URL}/{name}"
-    finally:
-        rabbitmqctl("delete_vhost", name)
 
 
 @dataclass
@@ -186,11 +168,7 @@ class Stack:
     def queue_length(self, queue: str) -> int:
         """Messages waiting on ``queue`` that no worker has taken (on either broker)."""
         if self.settings.broker_is_amqp:
-            sender = AmqpSender(self.settings)
-            try:
-                return sender.depth(queue) or 0
-            finally:
-                sender.close()
+            return queue_depth(self.settings, queue)
         return int(self.redis.llen(self.bus().keys.celery_queue(queue)))
 
     def send_copy(self, task: TaskMessage) -> None:
