@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIX = f"bench{uuid.uuid4().hex[:8]}"
+# A child process of the run (bench.rabbitmq) inherits BENCH_PREFIX: the same prefix and database.
+PREFIX = os.environ.get("BENCH_PREFIX") or f"bench{uuid.uuid4().hex[:8]}"
 DB_NAME = f"bench_{PREFIX}"
 ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 os.environ.update({
+    "BENCH_PREFIX": PREFIX,
     "EVENTS_PREFIX": PREFIX,
     "EVENT_HANDLER_MODULES": "bench.handlers",
     "DATABASE_URL": ADMIN_DSN.rsplit("/", 1)[0] + f"/{DB_NAME}",
@@ -76,11 +78,12 @@ class Result:
     note: str = ""
 
 
-def result(name: str, ours: float, baseline: float, target: float | None, units: str, *,
+def result(name: str, ours: float, baseline: float | None, target: float | None, units: str, *,
            lower_is_better: bool = False, note: str = "", ratio: float | None = None) -> Result:  # fmt: skip
     """A comparison with its baseline: ``target`` is the ratio to reach (None: for reference only).
 
     ``ratio`` defaults to ``ours / baseline``; give it when it was measured pair by pair.
+    ``baseline`` None: a figure of ours alone (a stage with no counterpart in the baseline).
     """
     if ratio is None:
         ratio = ours / baseline if baseline else None
@@ -90,8 +93,8 @@ def result(name: str, ours: float, baseline: float, target: float | None, units:
         met, target_text = ratio <= target, f"ratio <= {target}"
     else:
         met, target_text = ratio >= target, f"ratio >= {target}"
-    return Result(name, round(ours, 3), round(baseline, 3), None if ratio is None else round(ratio, 3),
-                  target_text, units, met, MACHINE, note)  # fmt: skip
+    return Result(name, round(ours, 3), None if baseline is None else round(baseline, 3),
+                  None if ratio is None else round(ratio, 3), target_text, units, met, MACHINE, note)  # fmt: skip
 
 
 def machine() -> dict[str, str]:

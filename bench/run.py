@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.commands import bench_commands
 from bench.dispatch import bench_dispatch
 from bench.explorer import bench_explorer
 from bench.harness import (
@@ -32,13 +33,17 @@ from bench.matching import bench_matching
 from bench.memory import bench_memory
 from bench.observability import bench_observability
 from bench.publish import bench_publish
+from bench.rabbitmq import bench_rabbitmq
 from bench.stack import end_to_end
 from bench.throughput import bench_throughput
 from project.events import event_bus
 
 __all__ = ["main"]
 
-KEYS = ("publish", "dispatch", "matching", "e2e", "observability", "logwriter", "memory", "explorer")
+KEYS = (
+    "publish", "dispatch", "matching", "e2e", "commands", "rabbitmq", "observability", "logwriter", "memory",
+    "explorer",
+)  # fmt: skip
 
 
 def bench_end_to_end(duration_s: float, rate_per_s: float, n: int) -> list[Result]:
@@ -55,6 +60,15 @@ def plan(quick: bool) -> list[tuple[str, Callable[[], list[Result]]]]:
         ("dispatch", lambda: bench_dispatch(100 if q else 5_000, 30 if q else 1_000, 1 if q else 3)),
         ("matching", lambda: bench_matching(100 if q else 5_000, 1 if q else 3)),
         ("e2e", lambda: bench_end_to_end(1 if q else 30, 50 if q else 200, 100 if q else 2_000)),
+        # (events, tasks) in lockstep, then in a burst: as many handler runs a side.
+        ("commands", lambda: bench_commands((10, 20) if q else (500, 1_000), (10, 20) if q else (500, 1_000))),
+        # Celery's queues on RabbitMQ: dispatch, then latency, against bare Celery there.
+        (
+            "rabbitmq",
+            lambda: bench_rabbitmq(
+                100 if q else 5_000, 30 if q else 1_000, 1 if q else 3, 1 if q else 30, 50 if q else 200
+            ),
+        ),
         ("observability", lambda: bench_observability(200 if q else 2_500, 50 if q else 800, 1 if q else 6)),
         ("logwriter", lambda: bench_log_writer(200 if q else 20_000, 50 if q else 2_000, 1 if q else 3)),
         ("memory", lambda: bench_memory(100 if q else 1_000, 1_000 if q else 100_000)),

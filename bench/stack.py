@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from project.events import event_bus
 __all__ = [
     "DONE_KEY",
     "LATENCY_KEY",
+    "STAGES_DIR",
     "end_to_end",
     "paced",
     "processes",
@@ -32,6 +35,9 @@ __all__ = [
 DONE_KEY = f"{PREFIX}:bench:done"
 # Seconds from send to start, one per probe (bench.handlers.latency_probe, bench.tasks.probe).
 LATENCY_KEY = f"{PREFIX}:bench:latency"
+# Where the end-to-end stack's router and worker note the stages of each probe
+# (bench.router_probe, bench.tasks): read by bench.latency, removed with the stack.
+STAGES_DIR = Path(tempfile.gettempdir()) / f"{PREFIX}-stages"
 
 
 @contextmanager
@@ -69,14 +75,20 @@ def end_to_end() -> Iterator[redis.Redis]:
     """A worker (2 processes) and a router with its log writer, warm on both paths; yields a client.
 
     Latency and throughput share one stack, measured one after the other, as they always were.
+    The router runs as :mod:`bench.router_probe` and both note the latency probes' stages in
+    :data:`STAGES_DIR` (lines appended to files, no Redis command).
     """
     from bench.tasks import count
 
     client = event_bus.sync_client()
-    with processes(worker_cmd(), router_cmd()):
-        warm_up(client, lambda: event_bus.publish_sync("bench.one.made"))
-        warm_up(client, lambda: count.apply_async(queue="bench"))
-        yield client
+    STAGES_DIR.mkdir(exist_ok=True)
+    try:
+        with processes(worker_cmd(), router_cmd(stages=True), env={"BENCH_STAGES_DIR": str(STAGES_DIR)}):
+            warm_up(client, lambda: event_bus.publish_sync("bench.one.made"))
+            warm_up(client, lambda: count.apply_async(queue="bench"))
+            yield client
+    finally:
+        shutil.rmtree(STAGES_DIR, ignore_errors=True)
 
 
 def worker_cmd(node: str = f"bench-{PREFIX}") -> list[str]:
@@ -86,10 +98,14 @@ def worker_cmd(node: str = f"bench-{PREFIX}") -> list[str]:
             "-n", f"{node}@%h"]  # fmt: skip
 
 
-def router_cmd(log_writer: bool = True) -> list[str]:
-    """A router, with the log writer in the same process unless ``log_writer`` is False."""
-    return [sys.executable, "-m", "project.cli", "--log-level", "WARNING", "router",
-            *([] if log_writer else ["--no-log-writer"])]  # fmt: skip
+def router_cmd(log_writer: bool = True, *, stages: bool = False) -> list[str]:
+    """A router, with the log writer in the same process unless ``log_writer`` is False.
+
+    ``stages``: run it as :mod:`bench.router_probe`, which notes when it read each batch and
+    ran each dispatch script (given ``BENCH_STAGES_DIR`` in its environment).
+    """
+    return [sys.executable, "-m", "bench.router_probe" if stages else "project.cli", "--log-level", "WARNING",
+            "router", *([] if log_writer else ["--no-log-writer"])]  # fmt: skip
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
