@@ -70,22 +70,23 @@ class ModuleError(BaseModel):
 # delivery (project.operations) carries its own limit in 'budget': its attempts so far plus
 # a fresh max attempts, so attempts keep counting up across redrives.
 _START_LUA = """
-local st = redis.call('HGET', KEYS[1], 'state')
+local h = redis.call('HMGET', KEYS[1], 'state', 'outbox', 'attempts', 'budget')
+local st = h[1]
 if st == 'done' or st == 'dead' then
-  return {'skip', st, redis.call('HGET', KEYS[1], 'outbox') or ''}
+  return {'skip', st, h[2] or ''}
 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'busy', redis.call('PTTL', KEYS[2])}
 end
-local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if a >= tonumber(redis.call('HGET', KEYS[1], 'budget') or ARGV[3]) then
+local a = tonumber(h[3] or '0')
+if a >= tonumber(h[4] or ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('DEL', KEYS[2])
   return {'exhausted', a}
 end
-a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running')
+a = a + 1
+redis.call('HSET', KEYS[1], 'attempts', a, 'state', 'running')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
 """

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -43,25 +44,35 @@ class _Held:
     client: redis.Redis
     token: str
     ttl_ms: int
+    due: float  # time.monotonic() of its next renewal
 
 
 class LeaseKeeper:
-    """Renews the leases this process holds, from one daemon thread started on first use."""
+    """Renews the leases this process holds, from one daemon thread started on first use.
+
+    Each lease is renewed a third of its lifetime after it was taken or last renewed, so a
+    handler shorter than that never costs a renewal.
+    """
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_wake = 0.0  # when the thread wakes next (under _lock)
 
     def hold(self, client: redis.Redis, key: str, token: str, ttl_ms: int) -> None:
         """Keep renewing ``key`` (already taken with ``token``) until :meth:`release`."""
+        due = time.monotonic() + ttl_ms / 3000
         with self._lock:
-            self._held[key] = _Held(client, token, ttl_ms)
+            self._held[key] = _Held(client, token, ttl_ms, due)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._renew_forever, name="lease-keeper", daemon=True)
                 self._thread.start()
-        self._wake.set()
+            # The thread sleeps until _next_wake: wake it only for a lease due before that.
+            wake = due < self._next_wake
+        if wake:
+            self._wake.set()
 
     def token(self, key: str) -> str | None:
         """The token this process holds ``key`` with, if it does."""
@@ -76,20 +87,25 @@ class LeaseKeeper:
 
     def _renew_forever(self) -> None:
         while True:
+            now = time.monotonic()
             with self._lock:
-                held = dict(self._held)
-            interval_s = min((h.ttl_ms for h in held.values()), default=10_000) / 3000
-            for key, h in held.items():
+                due = [(key, h) for key, h in self._held.items() if h.due <= now]
+            for key, h in due:
                 try:
                     renewed: Any = h.client.eval(_RENEW_LUA, 1, key, h.token, h.ttl_ms)
                 except redis.RedisError as exc:
                     log.warning("lease %s: cannot renew (%s); retrying", key, exc)
-                    interval_s = min(interval_s, 0.5)
+                    h.due = time.monotonic() + min(0.5, h.ttl_ms / 3000)
                     continue
+                h.due = time.monotonic() + h.ttl_ms / 3000
                 if not renewed and key in self._held:
                     log.error("lease %s was lost (it lapsed while this process could not renew it)", key)
-            self._wake.wait(interval_s)
-            self._wake.clear()
+            with self._lock:
+                # Computed under the lock hold() takes: a lease added from here on compares
+                # its due time with this value, and wakes the thread if it is earlier.
+                self._next_wake = min((h.due for h in self._held.values()), default=time.monotonic() + 10.0)
+                self._wake.clear()
+            self._wake.wait(max(0.0, self._next_wake - time.monotonic()))
 
     def _after_fork(self) -> None:
         # A forked child inherits neither the thread nor the parent's leases.
@@ -97,6 +113,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        self._next_wake = 0.0
 
 
 keeper = LeaseKeeper()
