@@ -66,6 +66,8 @@ _ENVIRONMENTAL_ERRORS = (
     redis.exceptions.ClusterDownError,
 )
 _ENVIRONMENTAL_CODES = ("OOM", "READONLY", "BUSY", "NOREPLICAS", "MISCONF", "EVENTBUS-KEYTYPE")
+# RabbitMQ: at most this many confirmed but unacknowledged entry ids are remembered.
+_CONFIRMED_KEEP = 100_000
 _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 
 # KEYS: stream, log buffer, dead-letter, log-shed counters, then the Celery queue lists
@@ -292,6 +294,7 @@ class Router:
         self._owned_script = self.client.register_script(_OWNED_LUA)
         # Celery's queues on RabbitMQ: tasks are published with confirms before the script.
         self.sender: AmqpSender | None = sender_for(settings)
+        self._confirmed: set[str] = set()  # entry ids sent and confirmed, not yet acknowledged
         self._trim_script = self.client.register_script(_TRIM_LUA)
         self._call_failures = 0
         self._shed_unlogged = 0
@@ -397,7 +400,13 @@ class Router:
                 pub = len(keys)
             argv += [item.eid, pub]
         owned = {_text(eid) for eid in self._owned_script(keys=keys, args=argv)}
-        self.sender.send([task for item in candidates if item.eid in owned for task in item.tasks])
+        # Entries whose tasks this router already had confirmed, but which Redis then refused
+        # to acknowledge, are not sent again while it retries: only by a router taking over.
+        fresh = [item for item in candidates if item.eid in owned and item.eid not in self._confirmed]
+        self.sender.send([task for item in fresh for task in item.tasks])
+        if len(self._confirmed) > _CONFIRMED_KEEP:  # entries another router took over never return here
+            self._confirmed.clear()
+        self._confirmed.update(item.eid for item in fresh)
 
     def _call(self, items: list[_Item]) -> None:
         s, keys = self.settings, self.keys
@@ -428,6 +437,8 @@ class Router:
                 argv += [queue_keys[queue], message]
         reply: Any = self._script(keys=script_keys, args=argv)
         done, skipped, dups, shed, sent, dead, badlist, passed = reply
+        if self._confirmed:  # acknowledged (or no longer ours): forget them
+            self._confirmed.difference_update(item.eid for item in items)
         if metrics.enabled() is not None:
             _count(items, int(dead), int(skipped), int(dups), {_text(p) for p in passed})
         st = self.stats
