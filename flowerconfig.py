@@ -15,3 +15,6 @@ if _password in ("", "change-me"):
 address = _settings.flower_address
 port = _settings.flower_port
 basic_auth = [f"{_settings.flower_user}:{_password}"]
+# With Celery's queues on RabbitMQ, Flower reads their lengths from the management API.
+if _settings.flower_broker_api:
+    broker_api = _settings.flower_broker_api

@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, gt=0, lt=65536)
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")
+    # RabbitMQ's management API, for Flower's broker page (http://user:password@host:15672/api/).
+    flower_broker_api: str | None = None
 
     # The events explorer (`eventbus explorer`, project.explorer): basic auth, like Flower's.
     explorer_address: str = "127.0.0.1"

@@ -56,8 +56,13 @@ def _server(settings: Settings) -> dict[str, Any]:
         "protocol": "redis",
         "description": (
             f"Events are added to the stream `{keys.stream}` and announced on the pub/sub channel "
-            f"`{keys.channel('<event_type>')}`; each delivery is a Celery task on the list "
-            f"`{keys.celery_queue('<queue>')}`." + (" Connections use TLS (rediss)." if url.scheme == "rediss" else "")
+            f"`{keys.channel('<event_type>')}`; each delivery is a Celery task "
+            + (
+                "on the durable RabbitMQ queue `<queue>` (CELERY_BROKER_URL)."
+                if settings.broker_is_amqp
+                else f"on the list `{keys.celery_queue('<queue>')}`."
+            )
+            + (" Connections use TLS (rediss)." if url.scheme == "rediss" else "")
         ),
     }
     if url.path.strip("/"):

@@ -58,6 +58,7 @@ def _body(url: str, auth: tuple[str, str]) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed")
+@pytest.mark.brokers
 def test_flower_requires_auth_and_shows_workers_and_handler_tasks(stack: Stack, tmp_path: Path) -> None:
     port = _free_port()
     stack.env.update({"FLOWER_PORT": str(port), "FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret-pass"})
