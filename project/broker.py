@@ -77,8 +77,12 @@ class AmqpSender:
             return
         try:
             self._send(messages)
-        except BaseException:
+        except CONNECTION_ERRORS as exc:
             self.close()  # a channel in an unknown state is not reused
+            where = kombu.Connection(self.settings.broker_url).as_uri()  # the password masked
+            raise BrokerError(f"RabbitMQ at {where}: {exc!r}") from exc
+        except BaseException:
+            self.close()
             raise
 
     def depth(self, queue: str) -> int | None:

@@ -166,6 +166,77 @@ def drop_database(name: str) -> None:
 # -- a private Redis ------------------------------------------------------------------
 
 
+class PrivateRabbitMQ:
+    """A RabbitMQ node of one scenario's own, on free ports, with its own data directory.
+
+    Scenarios that kill or restart the broker use one of these, never the machine's node.
+    Killed and started again, it keeps its durable queues and persistent messages.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.dist_port = free_port(), free_port()
+        self.node = f"eventbus{self.port}@localhost"
+        self.dir = workdir / f"rabbitmq-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        self.env = {
+            **os.environ,
+            "HOME": str(self.dir),  # its own Erlang cookie
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> PrivateRabbitMQ:
+        """Start the node (again, on the same ports and data) and wait until it takes connections."""
+        # The server script itself, not the wrapper that re-runs it as the rabbitmq user.
+        with (self.dir / "server.log").open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+        def serving() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"rabbitmq-server exited: {self.log()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+            except OSError:
+                return False
+            return "Starting broker... completed" in self.log()
+
+        wait_for(serving, timeout_s=90, interval_s=0.2, what=f"RabbitMQ node {self.node}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole node (the Erlang VM and its helpers) and wait for it to exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        # The next start must not find the old node's log line.
+        log = self.dir / "server.log"
+        if log.exists():
+            log.rename(self.dir / f"server.{time.time():.0f}.log")
+
+    def stop(self) -> None:
+        self.kill()
+
+    def log(self) -> str:
+        path = self.dir / "server.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
 class PrivateRedis:
     """A ``redis-server`` of one scenario's own, on a free port, with its own directory.
 
@@ -869,6 +940,12 @@ class Lab:
         self.template = template
         self.stacks: list[Stack] = []
         self._cleanups: list[Callable[[], None]] = []
+
+    def rabbitmq_node(self) -> PrivateRabbitMQ:
+        """Start a private RabbitMQ node (see :class:`PrivateRabbitMQ`)."""
+        node = PrivateRabbitMQ(self.workdir)
+        self._cleanups.append(node.stop)
+        return node.start()
 
     def redis_server(self, **kwargs: Any) -> PrivateRedis:
         """Start a private Redis (see :class:`PrivateRedis` for the options)."""
