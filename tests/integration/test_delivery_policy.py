@@ -151,7 +151,8 @@ def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(sta
     wait_for(lambda: stack.queue_length("alpha") == 1, what="the task on its queue")
     stack.purge("alpha")
     wait_for(lambda: stack.queue_length("alpha") == 1, timeout_s=30, what="the reconciler to send it again")
-    assert "dispatched and never started; sent again" in stack.log("router")
+    # The router logs it once RabbitMQ confirmed it (or Redis took it): a moment after.
+    wait_for(lambda: "dispatched and never started; sent again" in stack.log("router"), what="the resend logged")
     stack.start_worker(queues="alpha")
     _delivery(stack, event_id, "on_birth_data", "succeeded")
     assert stack.runs() == {f"{event_id}:on_birth_data": 1}
@@ -180,7 +181,7 @@ def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_
     row = stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=settled, h=handler)[0]
     assert row.attempts == 1
     wait_for(lambda: stack.queue_length("alpha") == 1, timeout_s=30, what="the orphaned delivery sent again")
-    assert "with no worker holding its lease" in stack.log("router")
+    wait_for(lambda: "with no worker holding its lease" in stack.log("router"), what="the resend logged")
     stack.start_worker(queues="alpha")
     _delivery(stack, orphaned, "on_birth_data", "succeeded")
     assert stack.runs() == {f"{orphaned}:on_birth_data": 1}  # the settled one never ran again

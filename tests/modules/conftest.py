@@ -18,7 +18,16 @@ from project.events import event_bus
 from project.settings import get_settings
 from project.testing import EventRecorder, InMemoryEvents, LiveEvents
 from tasks.settings import get_app_settings
-from tests.integration.conftest import REDIS_URL, Stack, _db_url, database, prefix, stack, template_db  # noqa: F401  # fixtures
+from tests.integration.conftest import (  # noqa: F401  # fixtures
+    REDIS_URL,
+    Stack,
+    _db_url,
+    broker,
+    database,
+    prefix,
+    stack,
+    template_db,
+)
 
 APP_QUEUES = "solar,memory,synthesis,cosmic"
 
