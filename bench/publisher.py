@@ -1,10 +1,11 @@
 """A publishing process for :mod:`bench.observability`, driven one line at a time.
 
-``python -m bench.publisher [--observed]`` reads ``<event_type> <count>`` lines on stdin,
-publishes ``count`` events with ``publish_sync`` and answers each with the rate it reached
-(events/s) on a line of stdout. ``--observed`` first turns metrics on (a registry of the
-process's own, as a router's) and tracing on (:mod:`bench.null_tracing`), so that each
-publish runs in a span, counts itself and carries its trace context.
+``python -m bench.publisher [--observed] [--cpu N]`` reads ``<event_type> <count>`` lines on
+stdin, publishes ``count`` events with ``publish_sync`` and answers each with the rate it
+reached (events/s) on a line of stdout. ``--observed`` first turns metrics on (a registry of
+the process's own, as a router's) and tracing on (:mod:`bench.null_tracing`), so that each
+publish runs in a span, counts itself and carries its trace context. ``--cpu`` pins the
+process to that CPU (see :mod:`bench.observability`).
 
 It runs with the ``EVENTS_PREFIX`` it is given, so it does not import :mod:`bench.harness`,
 which would set a prefix of its own.
@@ -13,6 +14,7 @@ which would set a prefix of its own.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     """Answer every ``<event_type> <count>`` line with the publish rate, until stdin closes."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--observed", action="store_true", help="metrics and tracing on")
+    parser.add_argument("--cpu", type=int, help="run on this CPU only")
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     if args.observed:
         from prometheus_client import CollectorRegistry
 

@@ -8,6 +8,7 @@ import re
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
@@ -22,7 +23,7 @@ from project.contracts import upcaster as contract_upcaster
 from project.envelope import encode_envelope
 from project.errors import InvalidContract, InvalidEventData, InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys
-from project.observability import metrics
+from project.observability import metrics, tracing
 from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
 from project.registry import Declaration, Registry, Subscription, declarations, declare
@@ -39,21 +40,41 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 # a queue named like one of these would be a hash or a sorted set, not a list.
 _RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
 
-# XADD and PUBLISH in one round trip, atomically: an event is either in the stream (and so
-# will be dispatched) and broadcast, or the call failed and nothing happened. The event_id
-# is remembered for the dedup window, so the same publish sent again (by redis-py's retry
-# after a dropped connection, or by a caller retrying with the event_id) stores nothing.
-# No MAXLEN: an entry is trimmed only once the routers acknowledged it (project.router).
-# KEYS: stream, dedup key. ARGV: envelope, channel, dedup window (s).
-_PUBLISH_LUA = """
-local prev = redis.call('GET', KEYS[2])
-if prev then return prev end
-local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
-redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return id
+# XADD and PUBLISH of a batch of events (one for publish_sync, all those that arrived
+# together for publish: project.coalesce) in one round trip, atomically: an event is either
+# in the stream (and so will be dispatched) and broadcast, or its call failed and nothing of
+# it happened. Each event_id is remembered for the dedup window, so the same publish sent
+# again (by redis-py's retry after a dropped connection, or by a caller retrying with the
+# event_id) stores nothing. Each event is stored on its own (redis.pcall): one that Redis
+# refuses (a dedup key of the wrong type) is that event's reply, an error, and the others
+# are stored. No MAXLEN: an entry is trimmed only once the routers acknowledged it
+# (project.router).
+# KEYS: stream, then each event's dedup key. ARGV: dedup window (s), then the events'
+# envelopes and channels, each followed by a newline but the last (one argument for the
+# whole batch: redis-py packs each argument in Python, three per event would cost more than
+# the rest of the batch; no envelope or channel holds a newline, JSON escapes it).
+# Returns each event's stream id (or error), in order.
+PUBLISH_LUA = """
+local batch, out, at = ARGV[2], {}, 1
+for i = 2, #KEYS do
+  local cut = string.find(batch, '\\n', at, true)
+  local envelope = string.sub(batch, at, cut - 1)
+  at = string.find(batch, '\\n', cut + 1, true) or #batch + 1
+  local channel = string.sub(batch, cut + 1, at - 1)
+  at = at + 1
+  local id = redis.pcall('GET', KEYS[i])
+  if not id then
+    id = redis.pcall('XADD', KEYS[1], '*', 'e', envelope)
+    if type(id) == 'string' then
+      redis.pcall('SET', KEYS[i], id, 'EX', ARGV[1])
+      redis.pcall('PUBLISH', channel, envelope)
+    end
+  end
+  out[i - 1] = id
+end
+return out
 """
-_PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+_PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 
 # Set by the test kit (project.testing) for a test's duration: every bus of the process hands
 # its encoded events here instead of to Redis. Called (event_type, event_id, envelope JSON).
@@ -71,6 +92,21 @@ def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exc
             event_id,
         )
     return PublishRefused(f"Redis refused event {event_type!r} ({exc}); nothing was stored")
+
+
+_NO_COALESCER: tuple[Callable[[], object], None] = (lambda: None, None)
+
+
+class _Validated:
+    """The contract check of a model instance's data, validated already against ``version``."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    def __call__(self, event_type: str, data: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+        return dict(data), self.version
 
 
 class EventBus:
@@ -98,6 +134,7 @@ class EventBus:
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Coalescer] = (
             weakref.WeakKeyDictionary()
         )
+        self._last_coalescer: tuple[Callable[[], object], Coalescer | None] = _NO_COALESCER
 
     @property
     def settings(self) -> Settings:
@@ -144,19 +181,12 @@ class EventBus:
                 its ``event_id``.
         """
         event_type, data, version = self._typed(event_type, data)
+        if not tracing.active():
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
+            return await self._store(event_type, event_id, encoded)
         with publish_span(event_type) as span:
-            event_id, encoded, kept = self._prepare(span, event_type, data, user_id, module, event_id, version)
-            if kept:
-                return event_id
-            if _capture is not None:  # the test kit's in-memory bus (project.testing)
-                return _capture(event_type, event_id, encoded)
-            args = self._script_args(event_type, event_id, encoded)
-            try:  # concurrent calls on this loop share a round trip (project.coalesce)
-                await self._coalescer().evalsha(args)
-            except redis.RedisError as exc:
-                raise _publish_error(exc, event_type, event_id) from exc
-        metrics.record_published(event_type)
-        return event_id
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, span)
+            return await self._store(event_type, event_id, encoded)
 
     def publish_sync(
         self,
@@ -169,32 +199,38 @@ class EventBus:
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
         event_type, data, version = self._typed(event_type, data)
+        if not tracing.active():  # no span: not even the context manager's
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
+            if current_outbox() is not None:
+                return self._keep(event_type, event_id, encoded)
+            return self.send_encoded(event_type, event_id, encoded)
         with publish_span(event_type) as span:
-            event_id, encoded, kept = self._prepare(span, event_type, data, user_id, module, event_id, version)
-            if kept:
-                return event_id
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, span)
+            if current_outbox() is not None:
+                return self._keep(event_type, event_id, encoded)
             return self.send_encoded(event_type, event_id, encoded)
 
-    def _prepare(
-        self,
-        span: Any,
-        event_type: str,
-        data: Mapping[str, Any] | None,
-        user_id: Any,
-        module: str | None,
-        event_id: str | uuid.UUID | None,
-        version: int | None,
-    ) -> tuple[str, str, bool]:
-        """Build the event: ``(event_id, envelope JSON, kept)``; ``kept`` if an exactly-once
-        block took it, to be sent after its commit."""
-        event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
-        if span is not None:
-            span.set_attribute("messaging.message.id", event_id)
+    async def _store(self, event_type: str, event_id: str, encoded: str) -> str:
+        """Send one event built by :meth:`publish`, coalesced with the loop's other publishes."""
+        if current_outbox() is not None:
+            return self._keep(event_type, event_id, encoded)
+        if _capture is not None:  # the test kit's in-memory bus (project.testing)
+            return _capture(event_type, event_id, encoded)
+        coalescer = self._coalescer()
+        try:  # concurrent calls on this loop share a round trip (project.coalesce)
+            await coalescer.publish((self._dedup_prefix + event_id, encoded, self._channel_prefix + event_type))
+        except redis.RedisError as exc:
+            raise _publish_error(exc, event_type, event_id) from exc
+        metrics.record_published(event_type)
+        return event_id
+
+    @staticmethod
+    def _keep(event_type: str, event_id: str, encoded: str) -> str:
+        """Hand the event to the open exactly-once block, which sends it after its commit."""
         outbox = current_outbox()
-        if outbox is not None:
-            outbox.append((event_type, event_id, encoded))
-            return event_id, encoded, True
-        return event_id, encoded, False
+        assert outbox is not None
+        outbox.append((event_type, event_id, encoded))
+        return event_id
 
     def send_encoded(self, event_type: str, event_id: str, encoded: str) -> str:
         """Store an event already built by :meth:`publish` (idempotent per event_id).
@@ -204,25 +240,28 @@ class EventBus:
         """
         if _capture is not None:  # the test kit's in-memory bus (project.testing)
             return _capture(event_type, event_id, encoded)
-        client, args = self.sync_client(), self._script_args(event_type, event_id, encoded)
+        if "\n" in encoded:  # the script splits its batch at newlines; JSON as publish writes it has none
+            raise ValueError(f"event {event_id}: not an envelope built by publish (it holds a newline)")
+        client = self._sync_client or self.sync_client()
+        stream, window = self._target or self._publish_target()
+        # EVALSHA straight away: redis-py's Script wrapper (and its evalsha's) cost more than the encoding.
+        dedup, batch = self._dedup_prefix + event_id, f"{encoded}\n{self._channel_prefix}{event_type}"
+        args = (_PUBLISH_SHA, 2, stream, dedup, window, batch)
         try:
             try:
-                # EVALSHA straight away: redis-py's Script wrapper costs more than the encoding.
-                client.evalsha(*args)
+                (reply,) = client.execute_command("EVALSHA", *args)  # type: ignore[no-untyped-call]
             except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
-                client.script_load(_PUBLISH_LUA)
-                client.evalsha(*args)
+                client.script_load(PUBLISH_LUA)
+                (reply,) = client.execute_command("EVALSHA", *args)  # type: ignore[no-untyped-call]
+            if isinstance(reply, redis.RedisError):  # Redis refused this event (the script's pcall)
+                raise reply
         except redis.RedisError as exc:
             raise _publish_error(exc, event_type, event_id) from exc
         metrics.record_published(event_type)
         return event_id
 
-    def _script_args(self, event_type: str, event_id: str, encoded: str) -> tuple[Any, ...]:
-        stream, window = self._publish_target()
-        dedup, channel = self._dedup_prefix + event_id, self._channel_prefix + event_type
-        return (_PUBLISH_SHA, 2, stream, dedup, encoded, channel, window)
-
     def _publish_target(self) -> tuple[str, int]:
+        """``(stream, dedup window)``; also fixes the dedup key and channel prefixes."""
         if self._target is None:
             keys = self.keys
             self._channel_prefix = keys.channel("")
@@ -237,7 +276,7 @@ class EventBus:
         if not self._contracts_loaded:
             load_contract_modules(self.settings.event_contract_modules, required=False)
             self._contracts_loaded = True
-        if isinstance(event, BaseModel):
+        if type(event) is not str and isinstance(event, BaseModel):
             if data is not None:
                 raise InvalidEventData(
                     f"publish({type(event).__qualname__}(...)) carries its data in the model: do not pass data too"
@@ -253,19 +292,11 @@ class EventBus:
         module: str | None,
         event_id: str | uuid.UUID | None = None,
         version: int | None = None,
+        span: Any = None,
     ) -> tuple[str, str]:
+        """``(event_id, envelope JSON)``; inside the publish ``span`` (if tracing), which gets the id."""
         s = self.settings
-        if version is None:
-            paths = s.event_contract_modules
-
-            def check(event_type: str, data: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
-                return contracts.outgoing(event_type, data, within=paths)
-        else:  # a model instance, validated by _typed against its own version
-
-            def check(event_type: str, data: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
-                return dict(data), version
-
-        return encode_envelope(
+        encoded = encode_envelope(
             event_type,
             data,
             user_id=user_id,
@@ -273,8 +304,15 @@ class EventBus:
             max_bytes=s.events_max_data_bytes,
             max_hops=s.events_max_hops,
             event_id=event_id,
-            contract=check,
+            # A model instance was validated by _typed against its own version.
+            contract=partial(contracts.outgoing, within=s.event_contract_modules)
+            if version is None
+            else _Validated(version),
+            trace=None if span is None else tracing.trace_fields(span.get_span_context()),
         )
+        if span is not None:
+            span.set_attribute("messaging.message.id", encoded[0])
+        return encoded
 
     def sync_client(self) -> redis.Redis:
         """This process's Redis client (created on first use; redis-py resets it after fork)."""
@@ -283,12 +321,18 @@ class EventBus:
         return self._sync_client
 
     def _coalescer(self) -> Coalescer:
-        # An asyncio client belongs to the loop it was made on: keep one per loop.
+        # An asyncio client belongs to the loop it was made on: keep one per loop. The last
+        # one used is at hand (a WeakKeyDictionary look-up makes a weak reference each time).
         loop = asyncio.get_running_loop()
+        last_loop, coalescer = self._last_coalescer
+        if last_loop() is loop and coalescer is not None:
+            return coalescer
         coalescer = self._async_clients.get(loop)
         if coalescer is None:
             client = redis.asyncio.Redis.from_url(self.settings.redis_url)
-            coalescer = self._async_clients[loop] = Coalescer(client, _PUBLISH_LUA)
+            stream, window = self._publish_target()
+            coalescer = self._async_clients[loop] = Coalescer(client, PUBLISH_LUA, stream, window)
+        self._last_coalescer = (weakref.ref(loop), coalescer)
         return coalescer
 
     async def aclose(self) -> None:
@@ -297,6 +341,7 @@ class EventBus:
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
         coalescer = self._async_clients.pop(asyncio.get_running_loop(), None)
+        self._last_coalescer = _NO_COALESCER
         if coalescer is not None:
             await coalescer.client.aclose()
 

@@ -17,13 +17,17 @@ see :mod:`.otel_sdk`) every call returns after one check and envelopes carry no 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = ["TRACE_FIELDS", "active", "handler_span", "publish_span", "trace_fields"]
@@ -37,38 +41,130 @@ MESSAGING_SYSTEM = "eventbus"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACER = trace.get_tracer("eventbus")
 
+# Once a real tracer provider is set it stays (OpenTelemetry sets it once per process): from
+# then on, `active()` is one check of this global, and spans come from the provider's own
+# tracer rather than through the proxy `_TRACER` forwards from.
+_real_tracer: Tracer | None = None
+
 
 def active() -> bool:
     """True once an SDK (or any real) tracer provider is set in this process."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    global _real_tracer
+    if _real_tracer is not None:
+        return True
+    if _provider_set is not None and _provider_set() is None:
+        return False
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return False
+    _real_tracer = provider.get_tracer("eventbus")
+    return True
 
 
-def trace_fields() -> dict[str, str]:
-    """The current trace context as envelope fields, or ``{}`` outside a recorded span."""
-    if not trace.get_current_span().get_span_context().is_valid:
+def _provider_global() -> Callable[[], object] | None:
+    """A cheap "is a tracer provider set yet?" for `active()`, or None to ask the API each time.
+
+    Until a provider is set, ``trace.get_tracer_provider()`` looks
+    ``OTEL_PYTHON_TRACER_PROVIDER`` up in the environment on every call: most of what a
+    publish with tracing off paid for tracing. The API keeps the provider in a module
+    global, which says "none" at once. Not used when a provider is named in the environment
+    (the API's call loads it) or the global is not there under that name (another version).
+    """
+    if OTEL_PYTHON_TRACER_PROVIDER in os.environ or not hasattr(trace, "_TRACER_PROVIDER"):
+        return None
+    return lambda: trace._TRACER_PROVIDER
+
+
+_provider_set = _provider_global()
+
+
+def trace_fields(span_context: SpanContext | None = None) -> dict[str, str]:
+    """The trace context as envelope fields, or ``{}`` outside a recorded span.
+
+    ``span_context`` defaults to the current span's. The fields are what the W3C propagator
+    (``TraceContextTextMapPropagator.inject``) writes into its two headers, written here
+    from the span context directly, without the propagator's look-up of the current span.
+    """
+    if span_context is None:
+        current = otel_context.get_current()
+        if not current:  # nothing in the context, so no span either (the common case, untraced)
+            return {}
+        span_context = trace.get_current_span(current).get_span_context()
+    if not span_context.is_valid:
         return {}
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
-    return {k: v for k, v in carrier.items() if k in TRACE_FIELDS}
+    context = span_context
+    fields = {"traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"}
+    if span_context.trace_state:
+        fields["tracestate"] = span_context.trace_state.to_header()
+    return fields
 
 
-@contextmanager
-def publish_span(event_type: str) -> Iterator[Span | None]:
-    """The PRODUCER span of one publish (None when tracing is off); the caller adds the id."""
-    if not active():
-        yield None
-        return
-    with _TRACER.start_as_current_span(
-        f"send {event_type}",
-        kind=SpanKind.PRODUCER,
-        attributes={
+# The attributes every publish span of one event type starts with (the event id is added
+# once known): built once per event type, not on every publish.
+_send_attributes: dict[str, dict[str, Any]] = {}
+
+
+def _attributes_of_send(event_type: str) -> dict[str, Any]:
+    attributes = _send_attributes.get(event_type)
+    if attributes is None:
+        attributes = {
             "messaging.system": MESSAGING_SYSTEM,
             "messaging.destination.name": event_type,
             "messaging.operation.type": "send",
             "messaging.operation.name": "publish",
-        },
-    ) as span:
-        yield span
+        }
+        if len(_send_attributes) < 10_000:  # event types are the application's, but bound it anyway
+            _send_attributes[event_type] = attributes
+    return attributes
+
+
+class _PublishSpan:
+    """``start_as_current_span`` of one publish, without its two generator-based context
+    managers: the span is started, made current, and on the way out its exception recorded
+    (as ``use_span`` does), made no longer current and ended."""
+
+    __slots__ = ("_event_type", "_span", "_token")
+
+    def __init__(self, event_type: str) -> None:
+        self._event_type = event_type
+        self._span: Span | None = None
+        self._token: object = None
+
+    def __enter__(self) -> Span | None:
+        if not active():
+            return None
+        assert _real_tracer is not None
+        span = _real_tracer.start_span(
+            f"send {self._event_type}", kind=SpanKind.PRODUCER, attributes=_attributes_of_send(self._event_type)
+        )
+        self._span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        span = self._span
+        if span is None:
+            return
+        try:
+            # As use_span: only an Exception is an error; a BaseException (GeneratorExit,
+            # a cancellation) is not.
+            if isinstance(exc, Exception) and span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        finally:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            span.end()
+
+
+def publish_span(event_type: str) -> _PublishSpan:
+    """The PRODUCER span of one publish (None when tracing is off); the caller adds the id.
+
+    ``with publish_span(event_type) as span:`` makes the span current, so that the envelope
+    records its trace context (:func:`trace_fields`) and what runs inside nests in it.
+    """
+    return _PublishSpan(event_type)
 
 
 @contextmanager

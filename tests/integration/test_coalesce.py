@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -112,3 +113,70 @@ def test_a_broken_connection_fails_every_call_of_the_round_trip_with_its_own_eve
         outcomes, ids = results[:10], results[10:]
         assert all(isinstance(o, PublishOutcomeUnknown) for o in outcomes), outcomes
         assert [o.event_id for o in outcomes if isinstance(o, PublishOutcomeUnknown)] == ids
+
+
+def test_a_large_batch_is_cut_into_script_runs_and_each_event_is_broadcast_on_its_own_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("project.coalesce.MAX_CALL_EVENTS", 40)  # 300 calls: 8 runs, one round trip
+    with redis_server(tmp_path) as url:
+        bus = _bus(url)
+        client = redis.Redis.from_url(url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(bus.keys.channel_pattern)
+        pubsub.get_message(timeout=1)
+
+        async def main() -> list[str]:
+            try:
+                await bus.publish("load.item.made", {"n": -1})
+                types = [f"load.kind{n % 3}.made" for n in range(300)]
+                texts = [f"line one\nline {n}\r\n" + "x" * (n * 7) for n in range(300)]
+                return list(
+                    await asyncio.gather(
+                        *(
+                            bus.publish(t, {"n": n, "text": s})
+                            for n, (t, s) in enumerate(zip(types, texts, strict=True))
+                        )
+                    )
+                )
+            finally:
+                await bus.aclose()
+
+        ids = asyncio.run(main())
+        entries = {json.loads(f[b"e"])["event_id"]: json.loads(f[b"e"]) for _, f in client.xrange(bus.keys.stream)}
+        assert len(set(ids)) == 300 and set(ids) <= set(entries)
+        for n, event_id in enumerate(ids):
+            assert entries[event_id]["data"]["n"] == n and entries[event_id]["event_type"] == f"load.kind{n % 3}.made"
+        broadcast = {}
+        while len(broadcast) < 301:
+            message = pubsub.get_message(timeout=5)
+            assert message is not None, f"only {len(broadcast)} broadcasts"
+            envelope = json.loads(message["data"])
+            assert message["channel"].decode() == bus.keys.channel(envelope["event_type"])
+            broadcast[envelope["event_id"]] = envelope
+        assert broadcast == entries
+        pubsub.close()
+
+
+def test_a_cancelled_call_leaves_the_others_of_its_round_trip_alone(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus(url)
+
+        async def main() -> list[object]:
+            try:
+                await bus.publish("load.item.made", {"n": -1})
+                tasks = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(30)]
+                await asyncio.sleep(0)  # every call has been made; cancel a few of them under way
+                for task in tasks[5:30:5]:
+                    task.cancel()
+                return list(await asyncio.gather(*tasks, return_exceptions=True))
+            finally:
+                await bus.aclose()
+
+        outcomes = asyncio.run(main())
+        cancelled = [i for i, o in enumerate(outcomes) if isinstance(o, asyncio.CancelledError)]
+        assert cancelled == [5, 10, 15, 20, 25]
+        stored = [o for o in outcomes if isinstance(o, str)]
+        assert len(stored) == 25
+        entries = redis.Redis.from_url(url).xrange(bus.keys.stream)
+        assert {json.loads(f[b"e"])["event_id"] for _, f in entries} >= set(stored)
