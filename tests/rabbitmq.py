@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from project.broker import AmqpSender
 
-__all__ = ["AMQP_URL", "BROKERS", "amqp_vhost", "queue_depth"]
+__all__ = ["AMQP_URL", "BROKERS", "amqp_vhost", "broker", "pytest_generate_tests", "queue_depth"]
 
 # The machine's RabbitMQ; each test gets a vhost of its own on it, the AMQP counterpart of
 # its own EVENTS_PREFIX.
@@ -40,3 +42,16 @@ def queue_depth(settings: Any, queue: str) -> int:
         return sender.depth(queue) or 0
     finally:
         sender.close()
+
+
+# Both suites' conftests import these two: a test marked ``brokers`` runs on each broker.
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``brokers`` runs once with Celery's queues in Redis and once on RabbitMQ."""
+    if metafunc.definition.get_closest_marker("brokers") and "broker" in metafunc.fixturenames:
+        metafunc.parametrize("broker", BROKERS, indirect=True)
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> str:
+    """Where the test's Celery queues live: ``redis`` (the default) or ``rabbitmq``."""
+    return str(getattr(request, "param", "redis"))

@@ -23,7 +23,7 @@ from tests.faults.harness import (
     sweep_stale_netns,
     sweep_stale_processes,
 )
-from tests.rabbitmq import BROKERS
+from tests.rabbitmq import broker, pytest_generate_tests  # noqa: F401  # fixture, hook
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +56,8 @@ def lab(fault_template: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
         laboratory.close()
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A scenario marked ``brokers`` runs once with Celery's queues in Redis and once on RabbitMQ."""
-    if metafunc.definition.get_closest_marker("brokers") and "broker" in metafunc.fixturenames:
-        metafunc.parametrize("broker", BROKERS, indirect=True)
-
-
 @pytest.fixture
-def broker(request: pytest.FixtureRequest) -> str:
-    """Where the scenario's Celery queues live: ``redis`` (the default) or ``rabbitmq``."""
-    return str(getattr(request, "param", "redis"))
-
-
-@pytest.fixture
-def stack(lab: Lab, broker: str) -> Stack:
+def stack(lab: Lab, broker: str) -> Stack:  # noqa: F811  # the imported fixture
     """An environment on the shared Redis, with its own prefix and database; no process yet."""
     return lab.stack(broker=broker)
 

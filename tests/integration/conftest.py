@@ -30,7 +30,7 @@ from project.bus import EventBus
 from project.messages import TaskMessage
 from project.settings import Settings
 from tests.conftest import wait_for
-from tests.rabbitmq import BROKERS, amqp_vhost, queue_depth
+from tests.rabbitmq import amqp_vhost, broker, pytest_generate_tests, queue_depth  # noqa: F401  # fixture, hook
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -87,18 +87,6 @@ def database(template_db: str, prefix: str) -> Iterator[str]:
     _pg_admin(f"CREATE DATABASE {name} TEMPLATE {template_db}")
     yield name
     _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test marked ``brokers`` runs once with Celery's queues in Redis and once on RabbitMQ."""
-    if metafunc.definition.get_closest_marker("brokers") and "broker" in metafunc.fixturenames:
-        metafunc.parametrize("broker", BROKERS, indirect=True)
-
-
-@pytest.fixture
-def broker(request: pytest.FixtureRequest) -> str:
-    """Where this test's Celery queues live: ``redis`` (the default) or ``rabbitmq``."""
-    return str(getattr(request, "param", "redis"))
 
 
 @dataclass
@@ -284,7 +272,13 @@ class Stack:
 
 
 @pytest.fixture
-def stack(prefix: str, database: str, broker: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+def stack(
+    prefix: str,
+    database: str,
+    broker: str,  # noqa: F811  # the fixture imported above
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Stack]:
     with ExitStack() as cleanup:
         env = _stack_env(prefix, database)
         if broker == "rabbitmq":
