@@ -22,10 +22,11 @@ from project.contracts import event as contract_event
 from project.contracts import upcaster as contract_upcaster
 from project.envelope import encode_envelope
 from project.errors import InvalidContract, InvalidEventData, InvalidSubscription, PublishOutcomeUnknown, PublishRefused
-from project.keys import Keys
+from project.keys import Keys, scope_of
 from project.observability import metrics, tracing
 from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
+from project.redis_conn import async_redis_client, keys_for, redis_client
 from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
 
@@ -128,6 +129,13 @@ class EventBus:
         self.modules: dict[type[BaseModule], BaseModule] = {}
         self._sync_client: redis.Redis | None = None
         self._target: tuple[str, int] | None = None
+        self._keys: Keys | None = None
+        # On a Redis Cluster: each scope's (stream, dedup key prefix), and coalescers per loop.
+        self._scoped = False
+        self._scope_targets: dict[str, tuple[str, str]] = {}
+        self._scope_coalescers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Coalescer]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._channel_prefix = ""
         self._dedup_prefix = ""
         self._contracts_loaded = False
@@ -143,8 +151,14 @@ class EventBus:
 
     @property
     def keys(self) -> Keys:
-        """Names of this environment's keys and channels."""
-        return Keys(self.settings.events_prefix)
+        """Names of this environment's keys and channels (a stream per scope on a Redis Cluster).
+
+        Raises:
+            redis.RedisError: asking Redis whether it is a cluster failed (``REDIS_CLUSTER`` unset).
+        """
+        if self._keys is None or self._keys.prefix != self.settings.events_prefix:
+            self._keys = keys_for(self.settings)
+        return self._keys
 
     # -- publishing -------------------------------------------------------------------
 
@@ -216,9 +230,13 @@ class EventBus:
             return self._keep(event_type, event_id, encoded)
         if _capture is not None:  # the test kit's in-memory bus (project.testing)
             return _capture(event_type, event_id, encoded)
-        coalescer = self._coalescer()
-        try:  # concurrent calls on this loop share a round trip (project.coalesce)
-            await coalescer.publish((self._dedup_prefix + event_id, encoded, self._channel_prefix + event_type))
+        try:
+            if self._scoped or self._target is None:
+                coalescer, dedup_prefix = self._scope_coalescer(event_type)
+            else:
+                coalescer, dedup_prefix = self._coalescer(), self._dedup_prefix
+            # concurrent calls on this loop share a round trip (project.coalesce)
+            await coalescer.publish((dedup_prefix + event_id, encoded, self._channel_prefix + event_type))
         except redis.RedisError as exc:
             raise _publish_error(exc, event_type, event_id) from exc
         metrics.record_published(event_type)
@@ -242,12 +260,15 @@ class EventBus:
             return _capture(event_type, event_id, encoded)
         if "\n" in encoded:  # the script splits its batch at newlines; JSON as publish writes it has none
             raise ValueError(f"event {event_id}: not an envelope built by publish (it holds a newline)")
-        client = self._sync_client or self.sync_client()
-        stream, window = self._target or self._publish_target()
-        # EVALSHA straight away: redis-py's Script wrapper (and its evalsha's) cost more than the encoding.
-        dedup, batch = self._dedup_prefix + event_id, f"{encoded}\n{self._channel_prefix}{event_type}"
-        args = (_PUBLISH_SHA, 2, stream, dedup, window, batch)
         try:
+            client = self._sync_client or self.sync_client()
+            stream, window = self._target or self._publish_target()
+            dedup_prefix = self._dedup_prefix
+            if self._scoped:  # a Redis Cluster: the event's scope has its own stream
+                stream, dedup_prefix = self._scope_target(event_type)
+            # EVALSHA straight away: redis-py's Script wrapper (and its evalsha's) cost more than the encoding.
+            dedup, batch = dedup_prefix + event_id, f"{encoded}\n{self._channel_prefix}{event_type}"
+            args = (_PUBLISH_SHA, 2, stream, dedup, window, batch)
             try:
                 (reply,) = client.execute_command("EVALSHA", *args)  # type: ignore[no-untyped-call]
             except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
@@ -261,13 +282,26 @@ class EventBus:
         return event_id
 
     def _publish_target(self) -> tuple[str, int]:
-        """``(stream, dedup window)``; also fixes the dedup key and channel prefixes."""
+        """``(stream, dedup window)``; also fixes the dedup key and channel prefixes.
+
+        On a Redis Cluster the stream and dedup prefix are each scope's (:meth:`_scope_target`).
+        """
         if self._target is None:
             keys = self.keys
+            self._scoped = keys.cluster
             self._channel_prefix = keys.channel("")
             self._dedup_prefix = keys.published("")
             self._target = (keys.stream, self.settings.events_dedup_window_s)
         return self._target
+
+    def _scope_target(self, event_type: str) -> tuple[str, str]:
+        """``(stream, dedup key prefix)`` of ``event_type``'s scope on a Redis Cluster."""
+        scope = scope_of(event_type)
+        target = self._scope_targets.get(scope)
+        if target is None:
+            keys = self.keys.of_scope(scope)
+            target = self._scope_targets[scope] = (keys.stream, keys.published(""))
+        return target
 
     def _typed(
         self, event: str | BaseModel, data: Mapping[str, Any] | None
@@ -315,10 +349,13 @@ class EventBus:
         return encoded
 
     def sync_client(self) -> redis.Redis:
-        """This process's Redis client (created on first use; redis-py resets it after fork)."""
+        """This process's Redis client (created on first use; redis-py resets it after fork).
+
+        A ``RedisCluster`` when ``REDIS_URL`` names a Redis Cluster (:mod:`project.redis_conn`).
+        """
         if self._sync_client is None:
-            self._sync_client = redis.Redis.from_url(self.settings.redis_url)
-        return self._sync_client
+            self._sync_client = redis_client(self.settings)
+        return self._sync_client  # type: ignore[return-value]
 
     def _coalescer(self) -> Coalescer:
         # An asyncio client belongs to the loop it was made on: keep one per loop. The last
@@ -329,21 +366,45 @@ class EventBus:
             return coalescer
         coalescer = self._async_clients.get(loop)
         if coalescer is None:
-            client = redis.asyncio.Redis.from_url(self.settings.redis_url)
+            client = async_redis_client(self.settings)
             stream, window = self._publish_target()
             coalescer = self._async_clients[loop] = Coalescer(client, PUBLISH_LUA, stream, window)
         self._last_coalescer = (weakref.ref(loop), coalescer)
         return coalescer
+
+    def _scope_coalescer(self, event_type: str) -> tuple[Coalescer, str]:
+        """``(coalescer, dedup key prefix)`` for ``event_type`` on this loop.
+
+        In one Redis, the loop's one coalescer. On a Redis Cluster, one per scope (a script
+        run touches one slot), sharing the loop's client.
+        """
+        _, window = self._target or self._publish_target()
+        if not self._scoped:
+            return self._coalescer(), self._dedup_prefix
+        loop = asyncio.get_running_loop()
+        per_scope = self._scope_coalescers.get(loop)
+        if per_scope is None:
+            per_scope = self._scope_coalescers[loop] = {}
+        stream, dedup_prefix = self._scope_target(event_type)
+        coalescer = per_scope.get(stream)
+        if coalescer is None:
+            client = next(iter(per_scope.values())).client if per_scope else async_redis_client(self.settings)
+            coalescer = per_scope[stream] = Coalescer(client, PUBLISH_LUA, stream, window)
+        return coalescer, dedup_prefix
 
     async def aclose(self) -> None:
         """Close the Redis client :meth:`publish` made for the running event loop.
 
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
-        coalescer = self._async_clients.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        coalescer = self._async_clients.pop(loop, None)
         self._last_coalescer = _NO_COALESCER
         if coalescer is not None:
             await coalescer.client.aclose()
+        per_scope = self._scope_coalescers.pop(loop, None)
+        if per_scope:
+            await next(iter(per_scope.values())).client.aclose()
 
     def close(self) -> None:
         """Close the synchronous Redis client (a later publish makes a new one)."""

@@ -161,6 +161,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _event_type(args: Any) -> str:
+    """The event type of a delivery task's arguments (``""`` if they hold no envelope)."""
+    event = args[0] if args and isinstance(args[0], dict) else {}
+    return str(event.get("event_type") or "")
+
+
 def _since_published_s(event: Mapping[str, Any], started: float) -> float | None:
     """Seconds from the event's publish to ``started`` (a perf_counter reading), if known."""
     try:
@@ -188,15 +194,17 @@ class DeliveryTask(Task):  # type: ignore[misc]
         """How many times the handler may start for one event: ``max_retries + 1``."""
         return self.subscription.max_retries + 1
 
-    def _scripts_args(self, task_id: str) -> tuple[Any, list[str]]:
+    def _scripts_args(self, task_id: str, args: Any) -> tuple[Any, list[str]]:
         keys = self.bus.keys
+        if keys.cluster:  # the delivery's keys are in its event's scope, beside its stream
+            keys = keys.scoped(_event_type(args))
         return self.bus.sync_client(), [keys.delivery(task_id), keys.lease(task_id)]
 
     # -- the hooks -----------------------------------------------------------------------
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         s = self.bus.settings
-        client, keys = self._scripts_args(task_id)
+        client, keys = self._scripts_args(task_id, args)
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
         try:
             reply: Any = client.eval(_START_LUA, 2, *keys, token, lease_ms, self.max_attempts, s.delivery_done_ttl_s)
@@ -242,14 +250,24 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 invoke(sub, event, Delivery(self.bus, task_id, self.name))
         except AlreadyHandled:
             log.info("%s[%s]: its effect was committed by an earlier copy; skipped", self.name, task_id)
-            return {"task_id": task_id, "event_id": event.get("event_id"), "status": "duplicate"}
+            return {
+                "task_id": task_id,
+                "event_id": event.get("event_id"),
+                "status": "duplicate",
+                "event_type": event.get("event_type"),
+            }
         finally:
             if metrics.enabled() is not None:
                 metrics.record_handler_run(self.name, time.perf_counter() - started, _since_published_s(event, started))
-        return {"task_id": task_id, "event_id": event.get("event_id"), "status": "ok"}
+        return {
+            "task_id": task_id,
+            "event_id": event.get("event_id"),
+            "status": "ok",
+            "event_type": event.get("event_type"),
+        }
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        client, keys = self._scripts_args(task_id)
+        client, keys = self._scripts_args(task_id, args)
         token = keeper.release(keys[1]) or ""
         client.eval(_DONE_LUA, 2, *keys, token, self.bus.settings.delivery_done_ttl_s)
         duplicate = isinstance(retval, dict) and retval.get("status") == "duplicate"
@@ -268,7 +286,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], einfo: Any
     ) -> None:
         sub = self.subscription
-        client, keys = self._scripts_args(task_id)
+        client, keys = self._scripts_args(task_id, args)
         # In the worker's main process (a hard time limit) nothing is held: the killed
         # child's lease lapses by itself, and the retry below is deferred until it has.
         token = keeper.release(keys[1]) or ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ConfigurationError",
     "ContractViolation",
     "DeliveryExhausted",
     "DuplicateHandler",
@@ -25,6 +26,11 @@ __all__ = [
 
 class EventBusError(Exception):
     """Raised for any misuse or failure the dispatcher detects; the root of all its errors."""
+
+
+class ConfigurationError(EventBusError, ValueError):
+    """Raised when settings that each look valid cannot work together (a Redis Cluster with
+    Celery's queues in Redis)."""
 
 
 class InvalidEventName(EventBusError, ValueError):

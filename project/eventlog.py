@@ -29,10 +29,12 @@ from psycopg2.extras import execute_values
 from sqlalchemy.engine import Engine
 
 from project.consumer import ConsumerConfig, GroupConsumer
-from project.keys import LOG_GROUP, Keys
+from project.keys import LOG_GROUP
 from project.messages import delivery_task_id
 from project.observability import metrics
 from project.records import DeliveryRecord, EventRecord, decode_record
+from project.redis_conn import keys_for, redis_client
+from project.scopes import ScopeLoops
 from project.settings import Settings
 from project.tables import DELIVERY_STATUSES
 
@@ -220,17 +222,54 @@ class LogWriter:
         engine: Engine | None = None,
         client: redis.Redis | None = None,
         consumer: str | None = None,
+        scope: str | None = None,
     ) -> None:
+        """A log writer of ``settings``' environment.
+
+        On a Redis Cluster, ``scope`` makes it the writer of that scope's log buffer; without
+        one, :meth:`run` runs a writer per scope (``project.scopes``), sharing the engine.
+        """
         self.settings = settings
-        self.keys = Keys(settings.events_prefix)
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        base = keys_for(settings)
+        self.keys = base if scope is None else base.of_scope(scope)
+        self.client = client or redis_client(settings)
         self.engine = engine or sa.create_engine(settings.database_url, pool_pre_ping=True)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.written = 0
-        self.rejected = 0
+        self._written = 0
+        self._rejected = 0
+        self.scopes: ScopeLoops | None = None
+        if self.keys.cluster and scope is None:
+            self.scopes = ScopeLoops(
+                "log writer",
+                self.client,
+                self.keys,
+                lambda sc: LogWriter(
+                    settings, engine=self.engine, client=self.client, consumer=self.consumer, scope=sc
+                ),
+                refresh_s=settings.scope_refresh_s,
+                suffix="log",
+            )
+
+    @property
+    def written(self) -> int:
+        """Records written to PostgreSQL (by every scope's writer, on a cluster)."""
+        return self._written + sum(w.written for w in self._scope_writers())
+
+    @property
+    def rejected(self) -> int:
+        """Records set aside (by every scope's writer, on a cluster)."""
+        return self._rejected + sum(w.rejected for w in self._scope_writers())
+
+    def _scope_writers(self) -> list[LogWriter]:
+        if self.scopes is None:
+            return []
+        return [w for w in self.scopes.loops.values() if isinstance(w, LogWriter)]
 
     def run(self, stop: threading.Event) -> None:
         """Write batches until ``stop`` is set; wait out Redis and PostgreSQL outages."""
+        if self.scopes is not None:
+            self.scopes.run(stop)
+            return
         s = self.settings
         GroupConsumer(
             self.client,
@@ -331,5 +370,5 @@ class LogWriter:
             pipe.xack(self.keys.log_buffer, LOG_GROUP, *ids)
             pipe.xdel(self.keys.log_buffer, *ids)
         pipe.execute()
-        self.written += len(good)
-        self.rejected += len(bad)
+        self._written += len(good)
+        self._rejected += len(bad)

@@ -60,7 +60,7 @@ def sql_transaction(event: Event[Any], engine: sa.Engine | None) -> Iterator[sa.
 def redis_transaction(event: Event[Any]) -> Iterator[redis.client.Pipeline]:
     """See :meth:`project.event.Event.redis_transaction`."""
     d = event._delivery()
-    key = d.bus.keys.delivery(d.task_id)
+    key = d.bus.keys.scoped(event.event_type).delivery(d.task_id)
     outbox: Outbox = []
     if not d.recorded:  # the test kit: the same MULTI/EXEC and sending, no done mark
         with d.bus.sync_client().pipeline(transaction=True) as pipe, collecting(outbox):

@@ -1,23 +1,67 @@
 """Every Redis key, stream, channel and Celery queue name of the dispatcher, built in one place under the prefix.
 
 An application builds its own keys under the same prefix (the cosmic one in ``tasks.keys``).
+
+On a Redis Cluster (``project.redis_conn``) the events of each scope, the first segment of
+their type (``user`` in ``user.birth_data.updated``), have their own stream. Its log buffer,
+dead-letter stream, dedup keys and the state of its deliveries are named under the hash tag
+``{<prefix>:<scope>}``, so they live in one slot and each script touches one slot.
+:meth:`Keys.scoped` gives those names; in one Redis it returns the same ``Keys``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LOG_GROUP", "ROUTER_GROUP", "Keys"]
+__all__ = ["LOG_GROUP", "ROUTER_GROUP", "Keys", "scope_of"]
 
 ROUTER_GROUP = "router"
 LOG_GROUP = "log-writer"
 
 
+def scope_of(event_type: str) -> str:
+    """An event type's scope: its first segment (``cosmic`` for ``cosmic.solar_storm.detected``)."""
+    return event_type.split(".", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Names for one environment, all under ``prefix``."""
+    """Names for one environment, all under ``prefix``.
+
+    ``cluster``: the events live on a Redis Cluster, a stream per scope (:meth:`scoped`).
+    ``root``: the environment's own prefix, which channels and the process-wide keys (locks,
+    rejected tasks) stay under; a scope's ``Keys`` has the hash tag as its ``prefix``.
+    """
 
     prefix: str
+    cluster: bool = False
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            object.__setattr__(self, "root", self.prefix)
+
+    def scoped(self, event_type: str) -> Keys:
+        """The keys of ``event_type``'s scope: ``self`` in one Redis, its hash tag on a cluster."""
+        if not self.cluster:
+            return self
+        return self.of_scope(scope_of(event_type))
+
+    def of_scope(self, scope: str) -> Keys:
+        """The keys of one scope on a cluster (in one Redis, every scope shares ``self``'s)."""
+        if not self.cluster:
+            return self
+        return Keys(f"{{{self.root}:{scope}}}", cluster=True, root=self.root)
+
+    @property
+    def scope_stream_pattern(self) -> str:
+        """A SCAN pattern matching every scope's stream on a cluster."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.root)
+        return f"{{{escaped}:*}}:stream"
+
+    def scope_of_stream(self, stream: str) -> str:
+        """Invert ``of_scope(scope).stream``."""
+        return stream[len(self.root) + 2 : -len("}:stream")]
 
     @property
     def stream(self) -> str:
@@ -42,20 +86,20 @@ class Keys:
     @property
     def channel_pattern(self) -> str:
         """The PSUBSCRIBE pattern that receives every live event."""
-        return f"{self.prefix}:*"
+        return f"{self.root}:*"
 
     def channel(self, event_type: str) -> str:
         """The pub/sub channel an event is broadcast on (channels and keys do not collide)."""
-        return f"{self.prefix}:{event_type}"
+        return f"{self.root}:{event_type}"
 
     def event_type_of_channel(self, channel: str) -> str:
         """Invert :meth:`channel`."""
-        return channel[len(self.prefix) + 1 :]
+        return channel[len(self.root) + 1 :]
 
     @property
     def celery_keyprefix(self) -> str:
         """kombu's ``global_keyprefix``: Celery's queues and bookkeeping live under it."""
-        return f"{self.prefix}:celery:"
+        return f"{self.root}:celery:"
 
     def celery_queue(self, queue: str) -> str:
         """The Redis list kombu reads a Celery queue from (priority 0)."""
@@ -85,12 +129,12 @@ class Keys:
     @property
     def rejected_tasks(self) -> str:
         """Celery task messages a worker refused (unknown task), kept whole to be sent again."""
-        return f"{self.prefix}:rejected-tasks"
+        return f"{self.root}:rejected-tasks"
 
     @property
     def reconcile_lock(self) -> str:
         """Held by the one router running a reconciliation pass."""
-        return f"{self.prefix}:reconcile:lock"
+        return f"{self.root}:reconcile:lock"
 
     @property
     def log_shed(self) -> str:
@@ -100,4 +144,4 @@ class Keys:
     @property
     def beat_lock(self) -> str:
         """Held by the one beat process that schedules."""
-        return f"{self.prefix}:beat:leader"
+        return f"{self.root}:beat:leader"

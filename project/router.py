@@ -19,6 +19,11 @@ A batch is cut into script calls of at most ``ROUTER_BATCH_MAX_BYTES``; an entry
 refusing is dead-lettered on its own rather than holding up the ones after it. Every
 ``ROUTER_TRIM_INTERVAL_S`` the stream is trimmed up to the oldest entry a consumer group
 still needs.
+
+On a Redis Cluster each scope has its own stream (``project.keys``): the router runs this same
+loop for each scope's stream, in a thread per scope (``project.scopes``), with Celery's queues
+on RabbitMQ. Within a scope, entries are dispatched in stream order; across scopes there is
+no order.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ from project.broker import CONNECTION_ERRORS, AmqpSender, BrokerError, sender_fo
 from project.consumer import ConsumerConfig, GroupConsumer
 from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
-from project.keys import ROUTER_GROUP, Keys
+from project.keys import ROUTER_GROUP
 from project.messages import TaskMessage, delivery_task_id, task_message
 from project.observability import metrics
 from project.records import event_record
+from project.redis_conn import keys_for, redis_client, require_amqp_on_cluster
 from project.registry import Registry
+from project.scopes import ScopeLoops, literal_scopes
 from project.settings import Settings
 
 __all__ = ["Router", "RouterStats"]
@@ -283,17 +290,42 @@ class Router:
         *,
         consumer: str | None = None,
         client: redis.Redis | None = None,
+        scope: str | None = None,
     ) -> None:
+        """A router of ``settings``' environment.
+
+        On a Redis Cluster, ``scope`` makes it the router of that scope's stream; without one,
+        :meth:`run` runs a router per scope (``project.scopes``).
+
+        Raises:
+            ConfigurationError: a Redis Cluster with Celery's queues not on RabbitMQ.
+            redis.RedisError: Redis could not be asked whether it is a cluster.
+        """
         self.settings = settings
         self.registry = registry
-        self.keys = Keys(settings.events_prefix)
+        self.scope = scope
+        base = keys_for(settings)
+        if base.cluster:
+            require_amqp_on_cluster(settings)
+        self.keys = base if scope is None else base.of_scope(scope)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.client = client or redis_client(settings)
         self.stats = RouterStats()
         self._script = self.client.register_script(_DISPATCH_LUA)
         self._owned_script = self.client.register_script(_OWNED_LUA)
+        # On a cluster without a scope, this router only runs one per scope (run_scopes).
+        self.scopes: ScopeLoops | None = None
+        if self.keys.cluster and scope is None:
+            self.scopes = ScopeLoops(
+                "router",
+                self.client,
+                self.keys,
+                lambda sc: Router(settings, registry, consumer=self.consumer, client=self.client, scope=sc),
+                refresh_s=settings.scope_refresh_s,
+                seeds=literal_scopes(p for sub in registry for p in sub.patterns),
+            )
         # Celery's queues on RabbitMQ: tasks are published with confirms before the script.
-        self.sender: AmqpSender | None = sender_for(settings)
+        self.sender: AmqpSender | None = sender_for(settings) if self.scopes is None else None
         self._confirmed: set[str] = set()  # entry ids sent and confirmed, not yet acknowledged
         self._trim_script = self.client.register_script(_TRIM_LUA)
         self._call_failures = 0
@@ -319,12 +351,27 @@ class Router:
 
     def run(self, stop: threading.Event) -> None:
         """Dispatch until ``stop`` is set. Survives Redis outages and any bad entry."""
+        if self.scopes is not None:
+            self.scopes.run(stop)
+            self.stats = self.total_stats()
+            return
         try:
             self.loop.run(stop)
         finally:
             self.stats.errors = self.loop.errors
             if self.sender is not None:
                 self.sender.close()
+
+    def total_stats(self) -> RouterStats:
+        """This router's counters, summed over its scopes' routers on a cluster."""
+        if self.scopes is None:
+            return self.stats
+        total = RouterStats()
+        for router in self.scopes.loops.values():
+            st = router.total_stats() if isinstance(router, Router) else RouterStats()
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(st, name))
+        return total
 
     def trim(self) -> int:
         """Trim the stream up to the oldest entry any consumer group still needs; return how many went."""

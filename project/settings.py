@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Whether REDIS_URL names a Redis Cluster (any of its nodes). Unset, each process asks the
+    # server once (project.redis_conn). On a cluster, each scope's events get their own stream
+    # and CELERY_BROKER_URL must be an AMQP URL.
+    redis_cluster: bool | None = None
+    # Cluster only: how often a router and a log writer look for the streams of new scopes.
+    scope_refresh_s: float = Field(2.0, gt=0)
     # Where Celery's queues live. Unset, in REDIS_URL's Redis beside the events. An AMQP URL
     # (amqp://user:password@host:5672/vhost) puts them on RabbitMQ: durable queues, and the
     # router waits for RabbitMQ's publisher confirms before it acknowledges an event. On

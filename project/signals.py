@@ -56,13 +56,24 @@ return 1
 
 
 def _record(
-    handler: str, task_id: str, event_id: Any, status: str, error: str | None = None, bus: EventBus = event_bus
+    handler: str,
+    task_id: str,
+    event: Any,
+    status: str,
+    error: str | None = None,
+    bus: EventBus = event_bus,
 ) -> None:
-    """Append the delivery's new status to the log buffer; never fails the task."""
+    """Append the delivery's new status to the log buffer; never fails the task.
+
+    ``event``: the task's envelope (a dict), or ``(event_id, event_type)``.
+    """
+    event_id, event_type = (event.get("event_id"), event.get("event_type")) if isinstance(event, dict) else event
     if not event_id:
         return  # not a delivery (no envelope): nothing to record it under
-    keys, s = bus.keys, bus.settings
     try:
+        keys, s = bus.keys, bus.settings
+        if keys.cluster:  # the log buffer and delivery of the event's scope: one slot
+            keys = keys.scoped(str(event_type or ""))
         bus.sync_client().eval(
             _RECORD_LUA,
             3,
@@ -81,36 +92,35 @@ def _record(
         log.exception("could not record %s of %s[%s]", status or "the failure", handler, task_id)
 
 
-def _event_id(args: Any) -> Any:
-    event = args[0] if args and isinstance(args[0], dict) else {}
-    return event.get("event_id")
+def _envelope(args: Any) -> dict[str, Any]:
+    return args[0] if args and isinstance(args[0], dict) else {}
 
 
 def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     # "duplicate": an earlier copy committed the effect (inbox) and died before its record.
     if isinstance(sender, DeliveryTask) and isinstance(result, dict) and result.get("status") in ("ok", "duplicate"):
-        _record(sender.name, result["task_id"], result["event_id"], "succeeded", bus=sender.bus)
+        _record(sender.name, result["task_id"], result, "succeeded", bus=sender.bus)
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, args: Any = None, state: Any = None, **_: Any) -> None:
     # A copy skipped on start (Celery's IGNORED state): record the state the delivery is
     # settled in, in case the copy that settled it died before its own record.
     if isinstance(sender, DeliveryTask) and task_id and state == "IGNORED":
-        _record(sender.name, task_id, _event_id(args), "?settled", bus=sender.bus)
+        _record(sender.name, task_id, _envelope(args), "?settled", bus=sender.bus)
 
 
 def _on_failure(
     sender: Any = None, task_id: str | None = None, exception: Any = None, args: Any = None, **_: Any
 ) -> None:
     if isinstance(sender, DeliveryTask) and task_id:
-        _record(sender.name, task_id, _event_id(args), "", error=repr(exception), bus=sender.bus)
+        _record(sender.name, task_id, _envelope(args), "", error=repr(exception), bus=sender.bus)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     # The delivery policy retries by sending the task again from on_failure; this is
     # Celery's own retry path (task_retry_on_worker_lost, for example).
     if isinstance(sender, DeliveryTask) and request is not None:
-        _record(sender.name, request.id, _event_id(request.args), "retrying", error=repr(reason), bus=sender.bus)
+        _record(sender.name, request.id, _envelope(request.args), "retrying", error=repr(reason), bus=sender.bus)
 
 
 def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: Any = None, **_: Any) -> None:
@@ -141,7 +151,7 @@ def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None
         name, id, keys.rejected_tasks,
     )  # fmt: skip
     metrics.record_delivery(str(name), "rejected")
-    _record(str(name), str(id), _event_id(args), "rejected", error=f"unknown task {name!r} on a worker of {queue!r}")
+    _record(str(name), str(id), _envelope(args), "rejected", error=f"unknown task {name!r} on a worker of {queue!r}")
 
 
 def connect() -> None:

@@ -459,7 +459,9 @@ class LiveEvents(EventRecorder):
                 for sub in self.bus.registry.match(e.event_type):
                     if globs and not any(fnmatch.fnmatchcase(sub.name, g) for g in globs):
                         continue
-                    state = client.hget(keys.delivery(delivery_task_id(e.event_id, sub.name)), "state")
+                    state = client.hget(
+                        keys.scoped(e.event_type).delivery(delivery_task_id(e.event_id, sub.name)), "state"
+                    )
                     status = {"done": "succeeded", "dead": "dead"}.get(
                         state.decode() if isinstance(state, bytes) else ""
                     )

@@ -23,6 +23,7 @@ import kombu
 import psycopg2
 import pytest
 import redis
+import redis.cluster
 import sqlalchemy as sa
 
 from project.broker import AmqpSender
@@ -31,6 +32,7 @@ from project.messages import TaskMessage
 from project.settings import Settings
 from tests.conftest import wait_for
 from tests.rabbitmq import amqp_vhost, broker, pytest_generate_tests, queue_depth  # noqa: F401  # fixture, hook
+from tests.redis_cluster import RedisCluster3, redis_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -81,6 +83,13 @@ def prefix() -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def cluster_session() -> Iterator[RedisCluster3]:
+    """A private 3-master Redis Cluster, started once for the tests that ask for one."""
+    with redis_cluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def database(template_db: str, prefix: str) -> Iterator[str]:
     name = f"eb_{prefix}"
@@ -107,8 +116,28 @@ class Stack:
         return EventBus(self.settings)
 
     @property
+    def cluster(self) -> bool:
+        """Whether this stack's events are on a Redis Cluster."""
+        return self.env["REDIS_URL"] != REDIS_URL
+
+    @property
     def redis(self) -> redis.Redis:
+        """A client of the stack's event Redis (a ``RedisCluster`` on a cluster)."""
+        if self.cluster:
+            return redis.cluster.RedisCluster.from_url(self.env["REDIS_URL"])  # type: ignore[return-value]
         return redis.Redis.from_url(REDIS_URL)
+
+    def scoped_keys(self) -> list[Any]:
+        """The keys of each scope with events (one ``Keys`` in one Redis)."""
+        keys = self.bus().keys
+        if not keys.cluster:
+            return [keys]
+        from project.scopes import discover_scopes
+
+        return [
+            keys.of_scope(s)
+            for s in sorted(discover_scopes(self.redis, keys) | discover_scopes(self.redis, keys, "log"))
+        ]
 
     def engine(self) -> sa.Engine:
         return sa.create_engine(self.env["DATABASE_URL"], poolclass=sa.pool.NullPool)
@@ -140,15 +169,16 @@ class Stack:
 
     def settle(self, timeout_s: float = 60.0) -> None:
         """Wait until the router group and the log writer have read and acknowledged everything."""
-        keys = self.bus().keys
 
         def idle() -> bool:
-            for stream in (keys.stream, keys.log_buffer):
-                if not self.redis.exists(stream):
-                    continue
-                groups = self.redis.xinfo_groups(stream)
-                if not groups or any(g["pending"] or g["lag"] for g in groups):
-                    return False
+            client = self.redis
+            for keys in self.scoped_keys():
+                for stream in (keys.stream, keys.log_buffer):
+                    if not client.exists(stream):
+                        continue
+                    groups = client.xinfo_groups(stream)
+                    if not groups or any(g["pending"] or g["lag"] for g in groups):
+                        return False
             return True
 
         wait_for(idle, timeout_s=timeout_s, what="router and log writer to catch up")
@@ -281,8 +311,11 @@ def stack(
 ) -> Iterator[Stack]:
     with ExitStack() as cleanup:
         env = _stack_env(prefix, database)
-        if broker == "rabbitmq":
+        if broker in ("rabbitmq", "cluster"):
             env["CELERY_BROKER_URL"] = cleanup.enter_context(amqp_vhost(f"eventbus-{prefix}"))
+        if broker == "cluster":
+            env["REDIS_URL"] = request.getfixturevalue("cluster_session").url
+            env["SCOPE_REFRESH_S"] = "0.5"
         s = Stack(prefix=prefix, database=database, workdir=tmp_path, env=env)
         yield s
         for name in list(s.procs):

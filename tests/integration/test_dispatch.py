@@ -10,8 +10,9 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+from tests.rabbitmq import WITH_CLUSTER
 
-pytestmark = pytest.mark.brokers
+pytestmark = pytest.mark.brokers(*WITH_CLUSTER)
 
 
 def test_application_publish_call_reaches_handler_and_events_log(stack: Stack) -> None:

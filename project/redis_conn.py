@@ -1,0 +1,83 @@
+"""The event Redis: one server, or a Redis Cluster, told apart once per process.
+
+``REDIS_URL`` may name any node of a Redis Cluster. ``REDIS_CLUSTER`` unset, the first client
+asks the server (``INFO cluster``) and every later one uses the answer; ``REDIS_CLUSTER=true``
+or ``false`` skips the question. On a cluster each scope's events get a stream of their own
+(``project.keys``), every client is a ``RedisCluster``, and Celery's queues must be on
+RabbitMQ (kombu's Redis transport cannot use a cluster, and the router could not send a task
+in the script that acknowledges its event).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+
+from project.errors import ConfigurationError
+from project.keys import Keys
+from project.settings import Settings
+
+__all__ = ["async_redis_client", "is_cluster", "keys_for", "redis_client", "require_amqp_on_cluster"]
+
+_known: dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def is_cluster(settings: Settings) -> bool:
+    """Whether ``REDIS_URL`` names a Redis Cluster (asked of the server once per process and URL).
+
+    Raises:
+        redis.RedisError: the server could not be asked (it is down, or refuses the password).
+    """
+    if settings.redis_cluster is not None:
+        return settings.redis_cluster
+    url = settings.redis_url
+    known = _known.get(url)
+    if known is not None:
+        return known
+    with _lock:
+        if url not in _known:
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                info: Any = client.info("cluster")
+            finally:
+                client.close()
+            _known[url] = bool(int(info.get("cluster_enabled", 0)))
+        return _known[url]
+
+
+def keys_for(settings: Settings) -> Keys:
+    """The names of ``settings``' environment, a stream per scope on a cluster."""
+    return Keys(settings.events_prefix, cluster=is_cluster(settings))
+
+
+def redis_client(settings: Settings, **options: Any) -> Any:
+    """A synchronous client of the event Redis: ``redis.Redis``, or ``RedisCluster`` on a cluster."""
+    if is_cluster(settings):
+        return redis.cluster.RedisCluster.from_url(settings.redis_url, **options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def async_redis_client(settings: Settings, **options: Any) -> Any:
+    """The asyncio counterpart of :func:`redis_client`."""
+    if is_cluster(settings):
+        return redis.asyncio.cluster.RedisCluster.from_url(settings.redis_url, **options)
+    return redis.asyncio.Redis.from_url(settings.redis_url, **options)
+
+
+def require_amqp_on_cluster(settings: Settings) -> None:
+    """Refuse a cluster with Celery's queues in Redis, with the reason.
+
+    Raises:
+        ConfigurationError: ``REDIS_URL`` is a cluster and ``CELERY_BROKER_URL`` is not AMQP.
+    """
+    if is_cluster(settings) and not settings.broker_is_amqp:
+        raise ConfigurationError(
+            "REDIS_URL names a Redis Cluster: Celery's queues must then be on RabbitMQ "
+            "(set CELERY_BROKER_URL to an AMQP URL); kombu's Redis transport cannot use a cluster"
+        )
