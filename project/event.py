@@ -173,6 +173,15 @@ class Event(dict[str, Any], Generic[DataT]):
         with sql_transaction(self, engine) as conn:
             yield conn
 
+    def redis_key(self, name: str) -> str:
+        """The name of a key of the handler's own that :meth:`redis_transaction` may write.
+
+        ``<prefix>:<name>`` in one Redis. On a Redis Cluster ``{<prefix>:<scope>}:<name>``: in
+        the slot of the delivery's done mark, which a MULTI/EXEC must share with every key it
+        writes. In one Redis, a transaction may write any key.
+        """
+        return f"{self._delivery().bus.keys.scoped(self.event_type).prefix}:{name}"
+
     @contextmanager
     def redis_transaction(self) -> Iterator[redis.client.Pipeline]:
         """A Redis MULTI/EXEC whose commands run once per delivery, with its done mark.
@@ -180,6 +189,7 @@ class Event(dict[str, Any], Generic[DataT]):
         Yields a redis-py pipeline (transaction mode) on the bus's Redis; queue commands on
         it. On leaving the block they run in one MULTI/EXEC together with the mark that
         makes every later copy of the delivery skip. Events published inside are sent after.
+        On a Redis Cluster, the keys written must be named by :meth:`redis_key`.
 
         Raises:
             LeaseLost: another copy started meanwhile; nothing was committed here.

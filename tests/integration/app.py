@@ -147,7 +147,7 @@ def once_in_redis(event: Event) -> None:
     """Its effect (and an event it publishes) happen once, even if its process dies after."""
     _count(event, "once_in_redis")
     with event.redis_transaction() as pipe:
-        pipe.hincrby(f"{event_bus.keys.prefix}:test:effects", f"{event['event_id']}:once_in_redis", 1)
+        pipe.hincrby(event.redis_key("test:effects"), f"{event['event_id']}:once_in_redis", 1)
         event_bus.publish_sync("once.redis.done", {"of": event["event_id"]})
     if event["data"].get("die_after_commit") and _runs(event, "once_in_redis") == 1:
         os._exit(1)

@@ -15,6 +15,7 @@ import pytest
 from project.messages import delivery_task_id
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
+from tests.rabbitmq import WITH_CLUSTER
 
 DELIVERY = "SELECT status, attempts, error FROM event_deliveries WHERE event_id = :e AND handler = :h"
 APP = "tests.integration.app"
@@ -31,7 +32,7 @@ def _module_errors(stack: Stack) -> list[dict[str, object]]:
     return [r.data for r in rows]
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_handler_past_its_hard_time_limit_is_retried_and_then_succeeds(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -42,7 +43,7 @@ def test_handler_past_its_hard_time_limit_is_retried_and_then_succeeds(stack: St
     assert "Hard time limit (1.5s) exceeded" in stack.log("worker")
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_handler_always_past_its_time_limit_ends_dead_with_module_error(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -66,7 +67,7 @@ def test_soft_time_limit_is_raised_inside_the_handler_first(stack: Stack) -> Non
     assert "Hard time limit" not in stack.log("worker")
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_handler_killing_its_process_counts_attempts_and_ends_dead(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -114,7 +115,7 @@ def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(sta
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stack: Stack) -> None:
     # A rolling deploy: the router has a handler the running worker does not have yet.
     stack.start_worker(queues="alpha")
@@ -140,7 +141,7 @@ def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stac
     assert stack.redis.xlen(stack.bus().keys.rejected_tasks) == 0
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(stack: Stack) -> None:
     stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
     stack.start_router()
@@ -160,7 +161,7 @@ def test_reconciler_sends_again_a_delivery_lost_before_any_worker_started_it(sta
     assert seen["user_id"] == 7  # rebuilt from the record, with user_id's type
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_lost(stack: Stack) -> None:
     stack.env.update({"RECONCILE_AFTER_S": "1", "RECONCILE_INTERVAL_S": "0.5"})
     stack.start_router()
@@ -174,9 +175,13 @@ def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_
     stack.purge("alpha")
     # One was done by a worker whose success record was lost; the other's worker died while
     # running it, after its lease lapsed.
-    stack.redis.hset(bus.keys.delivery(delivery_task_id(settled, handler)), mapping={"state": "done", "attempts": 1})
     stack.redis.hset(
-        bus.keys.delivery(delivery_task_id(orphaned, handler)), mapping={"state": "running", "attempts": 1}
+        bus.keys.scoped("user.birth_data.updated").delivery(delivery_task_id(settled, handler)),
+        mapping={"state": "done", "attempts": 1},
+    )
+    stack.redis.hset(
+        bus.keys.scoped("user.birth_data.updated").delivery(delivery_task_id(orphaned, handler)),
+        mapping={"state": "running", "attempts": 1},
     )
     row = stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=settled, h=handler)[0]
     assert row.attempts == 1

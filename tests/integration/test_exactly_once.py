@@ -9,8 +9,9 @@ import pytest
 from project.messages import delivery_task_id, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+from tests.rabbitmq import WITH_CLUSTER
 
-pytestmark = pytest.mark.brokers
+pytestmark = pytest.mark.brokers(*WITH_CLUSTER)
 
 DELIVERY = "SELECT status, attempts FROM event_deliveries WHERE event_id = :e AND handler = :h"
 APP = "tests.integration.app"
@@ -26,13 +27,14 @@ def effects_table(stack: Stack) -> Stack:
 
 
 def _published(stack: Stack, event_type: str) -> list[str]:
-    entries = stack.redis.xrange(stack.bus().keys.stream)
+    entries = stack.redis.xrange(stack.bus().keys.scoped(event_type).stream)
     events = [json.loads(fields[b"e"]) for _, fields in entries]
     return [e["event_id"] for e in events if e["event_type"] == event_type]
 
 
 def _effects_in_redis(stack: Stack, event_id: str) -> int:
-    return int(stack.redis.hget(f"{stack.prefix}:test:effects", f"{event_id}:once_in_redis") or 0)
+    effects = f"{stack.bus().keys.scoped('once.redis.requested').prefix}:test:effects"  # Event.redis_key
+    return int(stack.redis.hget(effects, f"{event_id}:once_in_redis") or 0)
 
 
 @pytest.mark.parametrize("die_after_commit", [False, True])
@@ -53,7 +55,7 @@ def test_redis_effect_and_its_event_happen_once_even_if_the_process_dies_after_c
 
     # A copy arriving later (a redelivery) changes nothing.
     task_id = delivery_task_id(event_id, f"{APP}.once_in_redis")
-    envelope = json.loads(stack.redis.xrange(bus.keys.stream, count=1)[0][1][b"e"])
+    envelope = json.loads(stack.redis.xrange(bus.keys.scoped("once.redis.requested").stream, count=1)[0][1][b"e"])
     stack.send_copy(
         task_message(
             task_name=f"{APP}.once_in_redis", task_id=task_id, queue="gamma",

@@ -11,11 +11,12 @@ import pytest
 from project.records import event_record
 from tests.conftest import wait_for
 from tests.integration.conftest import PG_DSN, Stack, _pg_admin
+from tests.rabbitmq import WITH_CLUSTER
 
 DELIVERIES = "SELECT handler, status, attempts, error FROM event_deliveries WHERE event_id = :e"
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_handler_failing_until_it_succeeds_is_retried(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -25,7 +26,7 @@ def test_handler_failing_until_it_succeeds_is_retried(stack: Stack) -> None:
     assert stack.runs() == {f"{event_id}:flaky": 3}
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_handler_that_always_fails_is_dead_and_module_error_is_published(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -45,7 +46,7 @@ def test_handler_that_always_fails_is_dead_and_module_error_is_published(stack: 
     assert report["data"]["attempts"] == 3
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_failing_module_error_handler_never_publishes_another(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -58,7 +59,7 @@ def test_failing_module_error_handler_never_publishes_another(stack: Stack) -> N
     assert [tuple(r) for r in rows] == [("module.error", None)]
 
 
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_loop_guard_stops_a_handler_republishing_its_own_event(stack: Stack) -> None:
     stack.start_worker(queues="gamma")
     stack.start_router()
@@ -123,7 +124,9 @@ def test_record_postgresql_refuses_is_set_aside_and_the_rest_are_written(stack: 
     envelope = {"event_id": poison, "event_type": "user.note.added", "user_id": None, "module": None,
                 "data": {"text": "nul \u0000 inside"}, "timestamp": "2026-01-01T00:00:00+00:00",
                 "causation_id": None, "correlation_id": None, "hops": 0}  # fmt: skip
-    stack.redis.xadd(bus.keys.log_buffer, {"r": event_record(json.dumps(envelope), [])})  # JSONB refuses \u0000
+    stack.redis.xadd(
+        bus.keys.scoped("user.note.added").log_buffer, {"r": event_record(json.dumps(envelope), [])}
+    )  # JSONB refuses \u0000
     after = bus.publish_sync("user.birth_data.updated", user_id="later")
     rows = stack.wait_query("SELECT event_id::text FROM events_log", until=lambda r: len(r) == 6)
     assert {r.event_id for r in rows} == {*before, after}

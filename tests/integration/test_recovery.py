@@ -12,8 +12,9 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+from tests.rabbitmq import WITH_CLUSTER
 
-pytestmark = pytest.mark.brokers
+pytestmark = pytest.mark.brokers(*WITH_CLUSTER)
 
 EVENTS = 2000
 HANDLERS = ("on_bulk", "on_bulk_item")  # queues beta and gamma
@@ -65,7 +66,7 @@ def test_router_killed_with_sigkill_mid_batch_loses_and_doubles_nothing(stack: S
     wait_for(lambda: len(ids) > EVENTS // 4, what="a quarter of the events published")
 
     # Freeze the router until it is caught holding entries it read but has not acknowledged.
-    keys = stack.bus().keys
+    keys = stack.bus().keys.scoped("bulk.item.made")
 
     def caught_mid_batch() -> bool:
         os.kill(router.pid, signal.SIGSTOP)
