@@ -1,7 +1,8 @@
 """Celery signal receivers that record every delivery's progress in the log buffer.
 
-The router records the event and each ``dispatched`` delivery inside its dispatch script;
-every later change arrives here, read from the signals' own arguments (task id, args,
+The router records the event and each ``dispatched`` delivery inside its dispatch script,
+and a delivery's success is recorded by the script that marks it done (``on_success`` in
+:mod:`project.delivery`); every other change arrives here, read from the signals' own arguments (task id, args,
 result) and from the delivery's state the policy hooks left in Redis (attempts, retrying
 or dead), never from ``sender.request``. Each receiver makes one Redis round trip (a small
 script that appends the record), and PostgreSQL is never touched on this path.
@@ -96,12 +97,6 @@ def _envelope(args: Any) -> dict[str, Any]:
     return args[0] if args and isinstance(args[0], dict) else {}
 
 
-def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
-    # "duplicate": an earlier copy committed the effect (inbox) and died before its record.
-    if isinstance(sender, DeliveryTask) and isinstance(result, dict) and result.get("status") in ("ok", "duplicate"):
-        _record(sender.name, result["task_id"], result, "succeeded", bus=sender.bus)
-
-
 def _on_postrun(sender: Any = None, task_id: str | None = None, args: Any = None, state: Any = None, **_: Any) -> None:
     # A copy skipped on start (Celery's IGNORED state): record the state the delivery is
     # settled in, in case the copy that settled it died before its own record.
@@ -156,7 +151,6 @@ def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None
 
 def connect() -> None:
     """Connect the receivers (idempotent: Celery ignores a second connect of the same one)."""
-    signals.task_success.connect(_on_success, weak=False, dispatch_uid="eventbus.success")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="eventbus.postrun")
     signals.task_retry.connect(_on_retry, weak=False, dispatch_uid="eventbus.retry")
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="eventbus.failure")
