@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.cluster import bench_cluster
 from bench.commands import bench_commands
 from bench.dispatch import bench_dispatch
 from bench.explorer import bench_explorer
@@ -41,8 +42,8 @@ from project.events import event_bus
 __all__ = ["main"]
 
 KEYS = (
-    "publish", "dispatch", "matching", "e2e", "commands", "rabbitmq", "observability", "logwriter", "memory",
-    "explorer",
+    "publish", "dispatch", "matching", "e2e", "commands", "rabbitmq", "cluster", "observability", "logwriter",
+    "memory", "explorer",
 )  # fmt: skip
 
 
@@ -69,6 +70,9 @@ def plan(quick: bool) -> list[tuple[str, Callable[[], list[Result]]]]:
                 100 if q else 5_000, 30 if q else 1_000, 1 if q else 3, 1 if q else 30, 50 if q else 200
             ),
         ),
+        # Events on a private Redis Cluster against one private Redis, Celery's queues on RabbitMQ for
+        # both: (events per drain, rounds, events counted for commands per event).
+        ("cluster", lambda: bench_cluster(60 if q else 9_000, 1 if q else 3, 12 if q else 600)),
         ("observability", lambda: bench_observability(200 if q else 2_500, 50 if q else 800, 1 if q else 6)),
         ("logwriter", lambda: bench_log_writer(200 if q else 20_000, 50 if q else 2_000, 1 if q else 3)),
         ("memory", lambda: bench_memory(100 if q else 1_000, 1_000 if q else 100_000)),

@@ -30,7 +30,11 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
                      "Redis commands per handler run", "Redis commands per handler run, burst", "log writer",
                      "observability: publish (publish_sync), on vs off",
                      "observability: throughput end to end, on vs off", "rabbitmq: dispatch vs apply_async",
-                     "rabbitmq: latency p50", "rabbitmq: latency p99"):  # fmt: skip
+                     "rabbitmq: latency p50", "rabbitmq: latency p99", "cluster: dispatch, 3 masters vs one Redis",
+                     "cluster: dispatch, 2 routers vs 1 (3 masters)",
+                     "cluster: dispatch, 3 masters vs 1 master (2 routers)",
+                     "cluster: Redis commands per event, 3 masters (sum) vs one Redis",
+                     "cluster: Redis commands per event, master 1 of 3"):  # fmt: skip
         assert expected in names
     for r in results:
         assert set(r) >= {"name", "ours", "baseline", "ratio", "target", "units", "machine"}
