@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.cluster
 
 __all__ = ["ConsumerConfig", "GroupConsumer", "ensure_group"]
 
@@ -82,6 +83,7 @@ class GroupConsumer:
         self.errors = 0
         self.log = logging.getLogger(f"eventbus.{config.what.replace(' ', '_')}")
         self._claim_cursor = "0-0"
+        self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._next_claim_at = 0.0
         self._chores_due = [0.0] * len(config.chores)
 
@@ -119,7 +121,17 @@ class GroupConsumer:
     def read_once(self, start: str, block_ms: int | None) -> int:
         """Read one batch (``"0"``: own pending; ``">"``: new), hand it over; return its size."""
         c = self.config
-        reply: Any = self.client.xreadgroup(c.group, c.consumer, {c.stream: start}, count=c.batch_size, block=block_ms)
+        if self._cluster:
+            # Sent to the stream's master directly: RedisCluster would otherwise ask a node
+            # COMMAND GETKEYS twice per read to find XREADGROUP's key (two more round trips).
+            block = [] if block_ms is None else ["BLOCK", block_ms]
+            args = ["XREADGROUP", "GROUP", c.group, c.consumer, "COUNT", c.batch_size, *block]
+            cluster: Any = self.client
+            reply: Any = cluster.execute_command(
+                *args, "STREAMS", c.stream, start, target_nodes=cluster.get_node_from_key(c.stream)
+            )
+        else:
+            reply = self.client.xreadgroup(c.group, c.consumer, {c.stream: start}, count=c.batch_size, block=block_ms)
         entries = reply[0][1] if reply else []
         if entries:
             self.handle(entries)
