@@ -3,9 +3,9 @@
 Every node is a ``redis-server --cluster-enabled yes`` with nothing kept on disk. Three
 masters or more are joined by ``redis-cli --cluster create``, as an operator would; fewer
 (the benchmark compares one master with three), which ``redis-cli`` refuses, are joined here
-with ``CLUSTER ADDSLOTSRANGE`` and ``CLUSTER MEET``. Torn down (processes killed, directories removed) afterwards. Never the shared
-Redis. Importing this module fixes no environment (it does not import :mod:`bench.harness`),
-so the tests import it too (``tests/redis_cluster.py``).
+with ``CLUSTER ADDSLOTSRANGE`` and ``CLUSTER MEET``. Torn down (processes killed, directories
+removed) afterwards. Never the shared Redis. Importing this module fixes no environment (it
+does not import :mod:`bench.harness`), so the tests import it too (``tests/redis_cluster.py``).
 """
 
 from __future__ import annotations
