@@ -29,23 +29,22 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from redis.crc import key_slot
 
+from bench.amqp import amqp_vhost
 from bench.cluster_router import MATCHES, QUEUE, GatedRouters
 from bench.commands import commandstats, private_redis
 from bench.harness import PREFIX, ROOT, Result, result
-from bench.rabbitmq import AMQP_URL
 from bench.redis_cluster import PrivateRedisCluster, redis_cluster
 from project.broker import AmqpSender
 from project.bus import EventBus
@@ -86,22 +85,6 @@ class _Store:
 
     def masters(self) -> list[redis.Redis]:
         return [redis.Redis(port=port) for port in self.ports]
-
-
-@contextmanager
-def _vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for the run (guest may use it); its AMQP URL. Deleted afterwards."""
-    name = f"eventbus-bench-cluster-{uuid.uuid4().hex[:8]}"
-
-    def ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-    ctl("add_vhost", name)
-    try:
-        ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"{AMQP_URL}/{name}"
-    finally:
-        ctl("delete_vhost", name)
 
 
 def _master_of(ranges: list[tuple[int, int]], key: str) -> int:
@@ -277,7 +260,7 @@ def _commands(store: _Store, scopes: Sequence[str], amqp_url: str, n: int) -> li
 def bench_cluster(n: int, rounds: int, commands_n: int) -> list[Result]:
     """Dispatch on 3 masters vs one Redis, 2 routers vs 1, 3 masters vs 1; commands per event per master."""
     with ExitStack() as stack:
-        amqp_url = stack.enter_context(_vhost())
+        amqp_url = stack.enter_context(amqp_vhost(f"eventbus-bench-cluster-{uuid.uuid4().hex[:8]}"))
         single_url = stack.enter_context(private_redis())
         three: PrivateRedisCluster = stack.enter_context(redis_cluster(3))
         one: PrivateRedisCluster = stack.enter_context(redis_cluster(1))

@@ -18,21 +18,18 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+from bench.amqp import amqp_vhost
 from bench.harness import ROOT, Result
 
 __all__ = ["bench_rabbitmq"]
 
-AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 EVENT_TYPE = "bench.item.made"
 
 
 def bench_rabbitmq(n: int, baseline_n: int, rounds: int, duration_s: float, rate_per_s: float) -> list[Result]:
     """Run the RabbitMQ rows in a child process on a vhost of their own; return its results."""
-    vhost = f"eventbus-bench-{uuid.uuid4().hex[:8]}"
-    _rabbitmqctl("add_vhost", vhost)
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        env = {**os.environ, "CELERY_BROKER_URL": f"{AMQP_URL}/{vhost}"}
+    with amqp_vhost(f"eventbus-bench-{uuid.uuid4().hex[:8]}") as url:
+        env = {**os.environ, "CELERY_BROKER_URL": url}
         args = json.dumps([n, baseline_n, rounds, duration_s, rate_per_s])
         out = subprocess.run(
             [sys.executable, "-m", "bench.rabbitmq", args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -41,12 +38,6 @@ def bench_rabbitmq(n: int, baseline_n: int, rounds: int, duration_s: float, rate
         if out.returncode != 0:
             raise RuntimeError(f"the RabbitMQ benchmark failed:\n{out.stderr[-4000:]}")
         return [Result(**row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def _child(n: int, baseline_n: int, rounds: int, duration_s: float, rate_per_s: float) -> list[Result]:

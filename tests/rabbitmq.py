@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
+from bench.amqp import AMQP_URL, amqp_vhost
 from project.broker import AmqpSender
+
+# The machine's RabbitMQ (bench.amqp); each test gets a vhost of its own on it, the AMQP
+# counterpart of its own EVENTS_PREFIX.
 
 __all__ = ["AMQP_URL", "BROKERS", "WITH_CLUSTER", "amqp_vhost", "broker", "pytest_generate_tests", "queue_depth"]
 
-# The machine's RabbitMQ; each test gets a vhost of its own on it, the AMQP counterpart of
-# its own EVENTS_PREFIX.
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 BROKERS = ("redis", "rabbitmq")
 #: ``@pytest.mark.brokers(*WITH_CLUSTER)``: on each broker, and with the events on a Redis Cluster.
 WITH_CLUSTER = (*BROKERS, "cluster")
-
-
-def rabbitmqctl(*args: str) -> str:
-    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60).stdout
-
-
-@contextmanager
-def amqp_vhost(name: str) -> Iterator[str]:
-    """A RabbitMQ vhost (guest may use it) for one test; its AMQP URL. Deleted afterwards."""
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"{AMQP_URL}/{name}"
-    finally:
-        rabbitmqctl("delete_vhost", name)
 
 
 def queue_depth(settings: Any, queue: str) -> int:
