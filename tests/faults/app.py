@@ -136,7 +136,7 @@ def overrunner(event: dict[str, Any]) -> None:
                     raise
 
 
-@_subscribe("long_runner", time_limit_s=60)
+@_subscribe("long_runner", time_limit_s=150)
 def long_runner(event: dict[str, Any]) -> None:
     """Works ``data.sleep_s``, longer than the visibility timeout, counting copies running at once."""
     client = _redis()

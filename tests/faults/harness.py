@@ -173,13 +173,14 @@ class PrivateRabbitMQ:
     Killed and started again, it keeps its durable queues and persistent messages.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, conf: str = "") -> None:
+        """``conf``: more lines of ``rabbitmq.conf`` (``consumer_timeout = 5000``)."""
         self.port, self.dist_port = free_port(), free_port()
         self.node = f"eventbus{self.port}@localhost"
         self.dir = workdir / f"rabbitmq-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n{conf}"
         )
         self.env = {
             **os.environ,
@@ -941,9 +942,9 @@ class Lab:
         self.stacks: list[Stack] = []
         self._cleanups: list[Callable[[], None]] = []
 
-    def rabbitmq_node(self) -> PrivateRabbitMQ:
-        """Start a private RabbitMQ node (see :class:`PrivateRabbitMQ`)."""
-        node = PrivateRabbitMQ(self.workdir)
+    def rabbitmq_node(self, conf: str = "") -> PrivateRabbitMQ:
+        """Start a private RabbitMQ node (see :class:`PrivateRabbitMQ`), ``conf`` added to its config."""
+        node = PrivateRabbitMQ(self.workdir, conf)
         self._cleanups.append(node.stop)
         return node.start()
 
