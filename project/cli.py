@@ -16,7 +16,9 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
+
+import redis
 
 from project.envelope import validate_event_name
 from project.errors import EventBusError, InvalidEventName
@@ -32,6 +34,13 @@ COMMANDS_GROUP = "eventbus.commands"
 #: What an ``eventbus.commands`` entry point is called with: ``add_parser`` adds a command.
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
+T = TypeVar("T")
+
+# What building a router or log writer meets while Redis does not answer yet: asking whether it
+# is a cluster fails (RedisError), or a cluster client finds no node (RedisClusterException).
+_REDIS_DOWN = (redis.RedisError, redis.exceptions.RedisClusterException)
+_RETRY_MAX_S = 5.0
+
 
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
@@ -45,10 +54,34 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _run_log_writer(stop: threading.Event) -> None:
+def _when_redis_answers(what: str, make: Callable[[], T], stop: threading.Event) -> T | None:
+    """``make()``, tried again with a log line until Redis answers; None if ``stop`` came first.
+
+    A router or log writer started before Redis (a reboot, a compose file without ordering)
+    waits for it instead of exiting: building one asks Redis whether it is a cluster.
+    """
+    delay_s = 0.5
+    while True:
+        try:
+            return make()
+        except _REDIS_DOWN as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            log.warning("%s: Redis does not answer (%s); trying again in %.1fs", what, first, delay_s)
+        if stop.wait(delay_s):
+            return None
+        delay_s = min(delay_s * 2, _RETRY_MAX_S)
+
+
+def _log_writer(stop: threading.Event) -> Any:
     from project.eventlog import LogWriter
 
-    LogWriter(get_settings()).run(stop)
+    return _when_redis_answers("log writer", lambda: LogWriter(get_settings()), stop)
+
+
+def _run_log_writer(stop: threading.Event) -> None:
+    writer = _log_writer(stop)
+    if writer is not None:
+        writer.run(stop)
 
 
 def _serve_metrics(*, router: bool, log_writer: bool) -> None:
@@ -59,21 +92,30 @@ def _serve_metrics(*, router: bool, log_writer: bool) -> None:
 
 def cmd_router(args: argparse.Namespace) -> int:
     """Run a router (and, unless --no-log-writer, the log writer in a thread of the same process)."""
+    from project.reconciler import Reconciler
     from project.router import Router
 
     event_bus.load_modules()
     stop = _stop_on_signals()
+    # Built first: it is what asks Redis whether it is a cluster, and waits until it answers.
+    router = _when_redis_answers(
+        "router", lambda: Router(get_settings(), event_bus.registry, consumer=args.consumer), stop
+    )
+    if router is None:
+        return 0
+    reconciler = _when_redis_answers("reconciler", lambda: Reconciler(get_settings()), stop)
+    if reconciler is None:
+        return 0
     _serve_metrics(router=True, log_writer=not args.no_log_writer)
     writer = None
     if not args.no_log_writer:
         writer = threading.Thread(target=_run_log_writer, args=(stop,), name="log-writer", daemon=True)
         writer.start()
-    from project.reconciler import Reconciler
-
-    reconciler = threading.Thread(target=Reconciler(get_settings()).run, args=(stop,), name="reconciler", daemon=True)
-    reconciler.start()
-    router = Router(get_settings(), event_bus.registry, consumer=args.consumer)
-    log.info("router %s: %d subscriptions, prefix %r", router.consumer, len(event_bus.registry), router.keys.prefix)
+    threading.Thread(target=reconciler.run, args=(stop,), name="reconciler", daemon=True).start()
+    log.info(
+        "router %s: %d subscriptions, prefix %r%s", router.consumer, len(event_bus.registry), router.keys.root,
+        " (Redis Cluster: a stream per scope)" if router.keys.cluster else "",
+    )  # fmt: skip
     router.run(stop)
     if writer is not None:
         writer.join(timeout=10)
@@ -84,8 +126,11 @@ def cmd_router(args: argparse.Namespace) -> int:
 def cmd_log_writer(args: argparse.Namespace) -> int:
     """Run the log writer alone."""
     stop = _stop_on_signals()
+    writer = _log_writer(stop)
+    if writer is None:
+        return 0
     _serve_metrics(router=False, log_writer=True)
-    _run_log_writer(stop)
+    writer.run(stop)
     return 0
 
 
@@ -155,12 +200,20 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    """Print live events (from pub/sub: at-most-once, for watching, not for processing)."""
+    """Print live events (from pub/sub: at-most-once, for watching, not for processing).
+
+    On a Redis Cluster a PUBLISH reaches every node, so one subscription on any node sees the
+    events of every scope.
+    """
     trie: PatternTrie[str] = PatternTrie()
     trie.insert(args.pattern, "tail")
-    keys = event_bus.keys
-    pubsub = event_bus.sync_client().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.psubscribe(keys.channel_pattern)
+    try:
+        keys = event_bus.keys
+        pubsub = event_bus.sync_client().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.psubscribe(keys.channel_pattern)
+    except _REDIS_DOWN as exc:
+        print(f"eventbus tail: cannot subscribe in Redis: {exc}", file=sys.stderr)
+        return 1
     stop = _stop_on_signals()
     print(f"listening for {args.pattern!r} on {keys.channel_pattern!r} (Ctrl-C stops)", file=sys.stderr)
     count = 0

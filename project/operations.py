@@ -18,6 +18,10 @@ Each send is one Redis script that checks and sends together, so a run that is s
 whose Redis state is still settled, a replay marks each copy as sent in the same call. Runs
 are paced (``per_second``), can be dry runs, show their progress and write one line to
 ``operations_audit``: who, when, which filter, how many.
+
+On a Redis Cluster each script touches only the keys of the event's scope (its delivery state,
+replay mark and log buffer share a slot, :mod:`project.keys`), and the tasks go to RabbitMQ,
+published and confirmed before or after the script as with RabbitMQ beside one Redis.
 """
 
 from __future__ import annotations
@@ -34,17 +38,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-import redis
 import sqlalchemy as sa
 
 from project.broker import sender_for
 from project.bus import EventBus
 from project.errors import EventBusError
-from project.keys import Keys
 from project.messages import delivery_task_id, task_message
 from project.patterns import PatternTrie, validate_pattern
 from project.reconciler import record_envelope
 from project.records import delivery_record, event_record
+from project.redis_conn import keys_for, redis_client, require_amqp_on_cluster
 from project.registry import Registry, Subscription
 from project.settings import Settings
 from project.tables import event_deliveries, operations_audit
@@ -65,10 +68,12 @@ _REPLAY_NAMESPACE = uuid.UUID("5d0f3c52-8a0e-4d8b-9a57-2f9b6c1e7d10")
 _REPLAY_MARK_TTL_S = 90 * 86400
 REDRIVABLE = ("dead", "rejected")
 
-# KEYS: delivery hash, queue, log buffer. ARGV: task message, attempts on record, max attempts,
-# state ttl s, log record, push ('1': LPUSH the message; '0': Celery's queues are on RabbitMQ
-# and the caller publishes it). Sends only a delivery that is settled in Redis (or forgotten):
-# one already redriven and not settled again is in flight, so a second run skips it.
+# KEYS: delivery hash, log buffer, and the queue when the script pushes. ARGV: task message,
+# attempts on record, max attempts, state ttl s, log record, push ('1': LPUSH the message on
+# KEYS[3]; '0': Celery's queues are on RabbitMQ and the caller publishes it). Sends only a
+# delivery that is settled in Redis (or forgotten): one already redriven and not settled again
+# is in flight, so a second run skips it. On a Redis Cluster the delivery hash and the log
+# buffer are those of the event's scope (one slot), and there is no queue key (RabbitMQ).
 _REDRIVE_LUA = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st and st ~= 'dead' then return st end
@@ -76,8 +81,8 @@ local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or ARGV[2])
 if a < tonumber(ARGV[2]) then a = tonumber(ARGV[2]) end
 redis.call('HSET', KEYS[1], 'state', 'redriven', 'attempts', a, 'budget', a + tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[6] == '1' then redis.call('LPUSH', KEYS[2], ARGV[1]) end
-redis.call('XADD', KEYS[3], '*', 'r', ARGV[5])
+if ARGV[6] == '1' then redis.call('LPUSH', KEYS[3], ARGV[1]) end
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[5])
 return 'sent'
 """
 
@@ -90,6 +95,7 @@ return 0
 
 # KEYS: sent mark, log buffer, queue of each delivery. ARGV: mark ttl s, log record, the task
 # message of each delivery (ARGV[i] goes to KEYS[i]). A copy already marked is never sent again.
+# On a Redis Cluster the mark and the log buffer are the event's scope's, and no queue is given.
 _REPLAY_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 for i = 3, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i]) end
@@ -183,8 +189,9 @@ class _Context:
 
     def __init__(self, settings: Settings, registry: Registry | None) -> None:
         self.settings = settings
-        self.keys = Keys(settings.events_prefix)
-        self.client = redis.Redis.from_url(settings.redis_url)
+        self.keys = keys_for(settings)
+        require_amqp_on_cluster(settings)
+        self.client: Any = redis_client(settings)
         self.engine = sa.create_engine(settings.database_url, pool_pre_ping=True, poolclass=sa.pool.NullPool)
         self.sender = sender_for(settings)  # Celery's queues on RabbitMQ, else None
         if registry is None:
@@ -314,7 +321,8 @@ def redrive(
     ``interrupted``: run it again to go on). Writes one audit line, dry runs too.
 
     Raises:
-        EventBusError: a bad filter.
+        EventBusError: a bad filter; ``ConfigurationError``: a Redis Cluster with Celery's
+            queues not on RabbitMQ.
         redis.RedisError, sqlalchemy.exc.SQLAlchemyError: Redis or PostgreSQL failed; what
             was sent is sent, and a new run goes on from there.
     """
@@ -381,8 +389,9 @@ def _redrive_one(
     max_attempts = (sub.max_retries if sub else ctx.settings.delivery_max_retries) + 1
     note = f"redriven by {_actor(actor)} (was {row.status} after {row.attempts} attempts)"
     push = ctx.sender is None
+    keys = ctx.keys.scoped(row.event_type)  # on a Redis Cluster, the event's scope: one slot
     verdict = script(
-        keys=[ctx.keys.delivery(task_id), ctx.keys.celery_queue(queue), ctx.keys.log_buffer],
+        keys=[keys.delivery(task_id), keys.log_buffer, *([keys.celery_queue(queue)] if push else [])],
         args=[task.redis_form() if push else "", row.attempts, max_attempts, ctx.settings.delivery_done_ttl_s,
               delivery_record(row.event_id, row.handler, "dispatched", None, note), "1" if push else "0"],
     )  # fmt: skip
@@ -392,7 +401,7 @@ def _redrive_one(
             try:
                 ctx.sender.send([task])
             except BaseException:
-                ctx.client.eval(_UNREDRIVE_LUA, 1, ctx.keys.delivery(task_id))
+                ctx.client.eval(_UNREDRIVE_LUA, 1, keys.delivery(task_id))
                 raise
         result.sent += 1
         return True
@@ -564,10 +573,11 @@ def _replay_one(ctx: _Context, script: Any, row: Any, only: Subscription | None,
         for s in subs
     ]
     record = event_record(envelope_json, [(s.name, s.queue) for s in subs])
-    mark = ctx.keys.replayed(copy_id)
+    keys = ctx.keys.scoped(row.event_type)  # the copy's scope is the original's
+    mark = keys.replayed(copy_id)
     if ctx.sender is None:
         sent = script(
-            keys=[mark, ctx.keys.log_buffer, *(ctx.keys.celery_queue(s.queue) for s in subs)],
+            keys=[mark, keys.log_buffer, *(keys.celery_queue(s.queue) for s in subs)],
             args=[_REPLAY_MARK_TTL_S, record, *(t.redis_form() for t in tasks)],
         )
     elif ctx.client.exists(mark):
@@ -577,7 +587,7 @@ def _replay_one(ctx: _Context, script: Any, row: Any, only: Subscription | None,
         # between sends the copy again on its next run, with the same task ids: done markers
         # run it once.
         ctx.sender.send(tasks)
-        sent = script(keys=[mark, ctx.keys.log_buffer], args=[_REPLAY_MARK_TTL_S, record])
+        sent = script(keys=[mark, keys.log_buffer], args=[_REPLAY_MARK_TTL_S, record])
     if int(sent):
         result.sent += 1
     else:

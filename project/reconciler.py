@@ -20,6 +20,10 @@ started, so they are only reported), and looks at each one's state in Redis:
   the two), so the settled status is recorded now. It costs nothing per delivery on the hot path: one query per
 interval. A delivery that was only slow to start (a long queue) is sent twice; its second
 copy is skipped by the workers' done check.
+
+On a Redis Cluster a delivery's state, lease and log buffer are those of its event's scope
+(``Keys.scoped``); the records of a pass go in one transaction per scope (one slot each),
+and the lock stays one for the whole environment.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import logging
 import threading
 import time
+from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +44,7 @@ from project.keys import Keys
 from project.lease import new_token
 from project.messages import task_message
 from project.records import delivery_record
+from project.redis_conn import keys_for, redis_client
 from project.settings import Settings
 
 __all__ = ["Reconciler", "record_envelope"]
@@ -85,7 +91,14 @@ def record_envelope(row: Any) -> str:
 
 
 # What a pass may meet that says nothing of the deliveries: the next pass tries again.
-_OUTAGES: tuple[type[Exception], ...] = (redis.RedisError, sa.exc.SQLAlchemyError, BrokerError, *CONNECTION_ERRORS)
+# (RedisClusterException: no node of a Redis Cluster answers.)
+_OUTAGES: tuple[type[Exception], ...] = (
+    redis.RedisError,
+    redis.exceptions.RedisClusterException,
+    sa.exc.SQLAlchemyError,
+    BrokerError,
+    *CONNECTION_ERRORS,
+)
 
 
 class Reconciler:
@@ -93,8 +106,8 @@ class Reconciler:
 
     def __init__(self, settings: Settings, *, engine: sa.Engine | None = None, client: redis.Redis | None = None):
         self.settings = settings
-        self.keys = Keys(settings.events_prefix)
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.keys = keys_for(settings)
+        self.client: Any = client or redis_client(settings)
         self.engine = engine or sa.create_engine(settings.database_url, pool_pre_ping=True, pool_size=1)
         self._token = new_token()
         self.sender = sender_for(settings)  # Celery's queues on RabbitMQ, else None
@@ -138,10 +151,11 @@ class Reconciler:
         self._reported_old = too_old
         if not rows:
             return 0
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)  # on a cluster, split by node
         for row in rows:
-            pipe.hmget(self.keys.delivery(row.task_id), "state", "attempts")
-            pipe.exists(self.keys.lease(row.task_id))
+            keys = self.keys.scoped(row.event_type)
+            pipe.hmget(keys.delivery(row.task_id), "state", "attempts")
+            pipe.exists(keys.lease(row.task_id))
         replies = pipe.execute()
         resend: list[tuple[Any, str]] = []
         settle: list[tuple[Any, str, int]] = []
@@ -166,7 +180,8 @@ class Reconciler:
         pipe = self.client.pipeline(transaction=False)
         for row, status, attempts in rows:
             note = "recorded by the reconciler from the delivery's state in Redis (the worker's record was lost)"
-            pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, status, attempts, note)})
+            buffer = self.keys.scoped(row.event_type).log_buffer
+            pipe.xadd(buffer, {"r": delivery_record(row.event_id, row.handler, status, attempts, note)})
         pipe.execute()
         log.warning("reconciler: recorded %d settled deliveries whose own record was lost", len(rows))
 
@@ -184,13 +199,19 @@ class Reconciler:
         ]
         if self.sender is not None:  # RabbitMQ: confirmed before it is recorded as sent
             self.sender.send(tasks)
-        pipe = self.client.pipeline(transaction=True)
+        # A transaction touches one slot on a Redis Cluster: one per scope (in one Redis, all
+        # rows share self.keys, so one transaction). Celery's queues are then on RabbitMQ.
+        by_scope: defaultdict[Keys, list[tuple[Any, str, Any]]] = defaultdict(list)
         for (row, why), task in zip(rows, tasks, strict=True):
-            if self.sender is None:
-                pipe.lpush(self.keys.celery_queue(row.queue), task.redis_form())
-            note = f"sent again by the reconciler: {why} (last change {row.updated_at.isoformat()})"
-            pipe.xadd(self.keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, "dispatched", None, note)})
-        pipe.execute()
+            by_scope[self.keys.scoped(row.event_type)].append((row, why, task))
+        for keys, scoped in by_scope.items():
+            pipe = self.client.pipeline(transaction=True)
+            for row, why, task in scoped:
+                if self.sender is None:
+                    pipe.lpush(keys.celery_queue(row.queue), task.redis_form())
+                note = f"sent again by the reconciler: {why} (last change {row.updated_at.isoformat()})"
+                pipe.xadd(keys.log_buffer, {"r": delivery_record(row.event_id, row.handler, "dispatched", None, note)})
+            pipe.execute()
         for row, why in rows:
             log.warning(
                 "reconciler: delivery of event %s to %s was %s; sent again (task %s)",

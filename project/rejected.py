@@ -5,19 +5,29 @@ workers do not have yet, or a typo in ``EVENT_HANDLER_MODULES``) would drop its 
 The ``task_unknown`` receiver (:mod:`project.signals`) keeps it in ``<prefix>:rejected-tasks``
 and records the delivery ``rejected``; :func:`requeue_rejected` puts such messages back on
 their queues once workers have the handler.
+
+On a Redis Cluster the rejected-tasks stream is one for the environment while each delivery's
+record goes to its event's scope (another slot): no transaction can hold both, so the
+messages are sent and confirmed (RabbitMQ), then recorded ``dispatched`` in their scopes,
+then deleted from the stream. A run that dies between two steps leaves the entries to be
+sent again by the next, with the same task ids (a worker runs a delivery once), and so loses
+none.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from project.broker import sender_for
 from project.bus import EventBus
+from project.keys import Keys
 from project.messages import TaskMessage
 from project.records import delivery_record
+from project.redis_conn import require_amqp_on_cluster
 
 __all__ = ["RejectedTask", "list_rejected", "requeue_rejected"]
 
@@ -58,13 +68,14 @@ def requeue_rejected(bus: EventBus, handler: str | None = None, dry_run: bool = 
     """Send the kept messages (of ``handler``, or all) back to their queues; return them.
 
     Each message goes back with its task id, so a worker runs it once as usual; the entry
-    leaves the rejected-tasks stream in the same transaction, and the delivery is recorded
-    ``dispatched`` again.
+    leaves the rejected-tasks stream in the same transaction (on a Redis Cluster, right after:
+    see the module's docstring), and the delivery is recorded ``dispatched`` again.
     """
     rejected = list_rejected(bus, handler)
     if dry_run or not rejected:
         return rejected
     keys = bus.keys
+    require_amqp_on_cluster(bus.settings)  # on a cluster, nothing could take the tasks otherwise
     tasks = [
         TaskMessage(r.queue, r.task_id, base64.b64decode(r.fields["body"]), json.loads(r.fields["headers"]))
         for r in rejected
@@ -75,17 +86,46 @@ def requeue_rejected(bus: EventBus, handler: str | None = None, dry_run: bool = 
             sender.send(tasks)
         finally:
             sender.close()
+    if keys.cluster:
+        _record_then_forget(bus, rejected, tasks)
+        return rejected
     pipe = bus.sync_client().pipeline(transaction=True)
     for r, task in zip(rejected, tasks, strict=True):
-        body = task.body
         if sender is None:
             pipe.lpush(keys.celery_queue(r.queue), task.redis_form())
         pipe.xdel(keys.rejected_tasks, r.entry_id)
-        try:
-            event_id = json.loads(body)[0][0]["event_id"]
-        except (ValueError, LookupError, TypeError):
-            continue
-        note = "sent again from rejected-tasks"
-        pipe.xadd(keys.log_buffer, {"r": delivery_record(event_id, r.task, "dispatched", None, note)})
+        event = _event_of(task)
+        if event is not None:
+            pipe.xadd(keys.log_buffer, {"r": _dispatched(event[0], r)})
     pipe.execute()
     return rejected
+
+
+def _event_of(task: TaskMessage) -> tuple[str, str] | None:
+    """``(event_id, event_type)`` of a delivery task's envelope; None if it holds none."""
+    try:
+        envelope = json.loads(task.body)[0][0]
+        return str(envelope["event_id"]), str(envelope.get("event_type") or "")
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None
+
+
+def _dispatched(event_id: str, r: RejectedTask) -> str:
+    return delivery_record(event_id, r.task, "dispatched", None, "sent again from rejected-tasks")
+
+
+def _record_then_forget(bus: EventBus, rejected: list[RejectedTask], tasks: list[TaskMessage]) -> None:
+    """On a Redis Cluster, after the tasks were sent and confirmed: record each delivery in its
+    scope's log buffer (a transaction per scope, one slot each), then drop the entries."""
+    client, keys = bus.sync_client(), bus.keys
+    by_scope: defaultdict[Keys, list[str]] = defaultdict(list)
+    for r, task in zip(rejected, tasks, strict=True):
+        event = _event_of(task)
+        if event is not None:
+            by_scope[keys.scoped(event[1])].append(_dispatched(event[0], r))
+    for scoped, records in by_scope.items():
+        pipe = client.pipeline(transaction=True)
+        for record in records:
+            pipe.xadd(scoped.log_buffer, {"r": record})
+        pipe.execute()
+    client.xdel(keys.rejected_tasks, *(r.entry_id for r in rejected))

@@ -50,19 +50,29 @@ def _server(settings: Settings) -> dict[str, Any]:
     host = url.hostname or "localhost"
     if ":" in host:  # IPv6
         host = f"[{host}]"
+    # Written without asking Redis (the catalog is made offline): REDIS_CLUSTER says which
+    # layout; unset, both are described.
     keys = Keys(settings.events_prefix)
+    scoped = Keys(settings.events_prefix, cluster=True).of_scope("<scope>")
+    per_scope = (
+        f"their scope's stream `{scoped.stream}` (the scope is the event type's first segment; "
+        "each scope's stream and keys share one hash slot)"
+    )
+    rabbitmq = "the durable RabbitMQ queue `<queue>` (CELERY_BROKER_URL)"
+    if settings.redis_cluster:
+        where, queue = f"On a Redis Cluster, events are added to {per_scope},", rabbitmq
+    elif settings.redis_cluster is None:
+        where = f"Events are added to the stream `{keys.stream}`, or on a Redis Cluster to {per_scope},"
+        queue = rabbitmq if settings.broker_is_amqp else f"the list `{keys.celery_queue('<queue>')}`"
+    else:
+        where = f"Events are added to the stream `{keys.stream}`"
+        queue = rabbitmq if settings.broker_is_amqp else f"the list `{keys.celery_queue('<queue>')}`"
     server: dict[str, Any] = {
         "host": f"{host}:{url.port}" if url.port else host,
         "protocol": "redis",
         "description": (
-            f"Events are added to the stream `{keys.stream}` and announced on the pub/sub channel "
-            f"`{keys.channel('<event_type>')}`; each delivery is a Celery task "
-            + (
-                "on the durable RabbitMQ queue `<queue>` (CELERY_BROKER_URL)."
-                if settings.broker_is_amqp
-                else f"on the list `{keys.celery_queue('<queue>')}`."
-            )
-            + (" Connections use TLS (rediss)." if url.scheme == "rediss" else "")
+            f"{where} and announced on the pub/sub channel `{keys.channel('<event_type>')}`; each delivery "
+            f"is a Celery task on {queue}." + (" Connections use TLS (rediss)." if url.scheme == "rediss" else "")
         ),
     }
     if url.path.strip("/"):

@@ -303,19 +303,30 @@ class ProblemsPage(_Page):
         self.render("problems.html", section="problems", groups=groups, letters=letters, audit=audit)
 
     def _dead_letters(self) -> list[tuple[str, datetime, str, str]]:
-        """The newest entries of the router's dead-letter stream: (id, when, reason, raw)."""
+        """The newest entries of the router's dead-letter stream: (id, when, reason, raw).
+
+        On a Redis Cluster, of every scope's dead-letter stream, newest first; each id then
+        names its stream.
+        """
+        found: list[tuple[tuple[int, int], str, dict[str, str]]] = []
         try:
-            entries = self.explorer.client.xrevrange(self.explorer.keys.dead_letter, count=DEAD_LETTERS)
-        except redis.RedisError as exc:
+            for keys in self.explorer.scope_keys("dead-letter"):
+                entries: Any = self.explorer.client.xrevrange(keys.dead_letter, count=DEAD_LETTERS)
+                for entry_id, raw_fields in entries:
+                    sid = _text(entry_id)
+                    ms, _, seq = sid.partition("-")
+                    name = f"{keys.dead_letter} {sid}" if keys.cluster else sid
+                    found.append(
+                        ((int(ms), int(seq or 0)), name, {_text(k): _text(v) for k, v in (raw_fields or {}).items()})
+                    )
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             log.warning("explorer: cannot read the dead-letter stream: %s", exc)
             return []
-        out = []
-        for entry_id, raw_fields in entries:  # type: ignore[union-attr]
-            fields = {_text(k): _text(v) for k, v in (raw_fields or {}).items()}
-            sid = _text(entry_id)
-            at = datetime.fromtimestamp(int(sid.split("-")[0]) / 1000, UTC)
-            out.append((sid, at, fields.get("reason", ""), fields.get("raw", "")[:2000]))
-        return out
+        found.sort(key=lambda entry: entry[0], reverse=True)
+        return [
+            (name, datetime.fromtimestamp(at[0] / 1000, UTC), fields.get("reason", ""), fields.get("raw", "")[:2000])
+            for at, name, fields in found[:DEAD_LETTERS]
+        ]
 
 
 def _text(value: bytes | str | None) -> str:

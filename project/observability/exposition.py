@@ -13,12 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
-import redis
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server, values
 
-from project.keys import Keys
 from project.observability import metrics
 from project.observability.gauges import LogBufferGauges, RouterGauges
+from project.redis_conn import keys_for, redis_client
 from project.settings import Settings
 
 __all__ = ["forget_worker_child", "serve_process", "serve_worker"]
@@ -33,17 +32,20 @@ def serve_process(settings: Settings, *, router: bool, log_writer: bool) -> int 
 
     Listens on ``METRICS_ROUTER_PORT`` when this process routes, else on
     ``METRICS_LOG_WRITER_PORT``. Returns the port, or None when ``METRICS_ENABLED`` is off.
+
+    Raises:
+        redis.RedisError: Redis could not be asked whether it is a cluster (``REDIS_CLUSTER`` unset).
     """
     if not settings.metrics_enabled:
         return None
     registry = CollectorRegistry()
     metrics.enable(registry)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    keys = Keys(settings.events_prefix)
+    client = redis_client(settings, socket_timeout=5)
+    keys = keys_for(settings)
     if router:
-        registry.register(RouterGauges(client, keys))
+        registry.register(RouterGauges(client, keys, refresh_s=settings.scope_refresh_s))
     if log_writer:
-        registry.register(LogBufferGauges(client, keys))
+        registry.register(LogBufferGauges(client, keys, refresh_s=settings.scope_refresh_s))
     port = settings.metrics_router_port if router else settings.metrics_log_writer_port
     start_http_server(port, addr=settings.metrics_address, registry=registry)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_address, port)

@@ -4,6 +4,10 @@ dead-letter and set-aside streams.
 They describe shared state, not the process, so they are computed at scrape time (a few
 O(1) or O(log n) commands) instead of being kept up to date on the dispatch path. Every
 router and log writer that serves metrics reports the same values; take ``max`` across them.
+
+On a Redis Cluster each scope has its own stream, dead-letter stream and log buffer: the
+counts are summed over the scopes and the ages are the oldest of any scope. The scopes are
+found by a ``SCAN`` of every master, at most once every ``refresh_s``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from project.keys import ROUTER_GROUP, Keys
+from project.scopes import discover_scopes
 
 __all__ = ["LogBufferGauges", "RouterGauges"]
 
@@ -63,16 +68,33 @@ def _group_counts(client: redis.Redis, stream: str, group: str) -> tuple[int, in
 
 
 class _RedisGauges(Collector):
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    #: The key whose existence reveals a scope on a cluster (``project.scopes``).
+    scope_key = "stream"
+
+    def __init__(self, client: Any, keys: Keys, *, refresh_s: float = 2.0) -> None:
         self.client = client
         self.keys = keys
+        self.refresh_s = refresh_s
+        self._scopes: list[Keys] = [keys]
+        self._found_at = float("-inf")
 
     def collect(self) -> Iterable[Metric]:
         try:
             return list(self._collect(int(time.time() * 1000)))
-        except redis.RedisError as exc:  # a scrape must not fail the process, nor hang on it
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # a scrape must not fail the process, nor hang on it
             log.warning("metrics: cannot read Redis for the %s gauges: %s", type(self).__name__, exc)
             return []
+
+    def scopes(self) -> list[Keys]:
+        """The keys of every scope: ``[keys]`` in one Redis, each scope's on a cluster."""
+        if not self.keys.cluster:
+            return [self.keys]
+        if time.monotonic() - self._found_at >= self.refresh_s:
+            found = discover_scopes(self.client, self.keys, self.scope_key)
+            self._scopes = [self.keys.of_scope(scope) for scope in sorted(found)]
+            self._found_at = time.monotonic()
+        return self._scopes
 
     def _collect(self, now_ms: int) -> Iterator[Metric]:
         raise NotImplementedError
@@ -86,13 +108,17 @@ class RouterGauges(_RedisGauges):
     """The event stream as the routers see it, and the dead-letter stream."""
 
     def _collect(self, now_ms: int) -> Iterator[Metric]:
-        stream = self.keys.stream
-        lag, pending = _group_counts(self.client, stream, ROUTER_GROUP)
+        lag, pending, age, dead = 0, 0, 0.0, 0
+        for keys in self.scopes():
+            scope_lag, scope_pending = _group_counts(self.client, keys.stream, ROUTER_GROUP)
+            lag, pending = lag + scope_lag, pending + scope_pending
+            if scope_lag or scope_pending:
+                age = max(age, _oldest_age_s(self.client, keys.stream, ROUTER_GROUP, now_ms))
+            dead += int(self.client.xlen(keys.dead_letter))
         yield self._gauge("eventbus_router_lag_entries", "Stream entries no router has read yet.", lag)
         yield self._gauge(
             "eventbus_router_pending_entries", "Stream entries read by a router, not yet acknowledged.", pending
         )
-        age = _oldest_age_s(self.client, stream, ROUTER_GROUP, now_ms) if lag or pending else 0.0
         yield self._gauge(
             "eventbus_router_oldest_unacked_age_seconds",
             "Age of the oldest stream entry the routers have not acknowledged (pending or unread).",
@@ -101,36 +127,41 @@ class RouterGauges(_RedisGauges):
         yield self._gauge(
             "eventbus_dead_letter_entries",
             "Entries in the dead-letter stream (malformed or refused events, with their reason).",
-            int(self.client.xlen(self.keys.dead_letter)),
+            dead,
         )
 
 
 class LogBufferGauges(_RedisGauges):
     """The log buffer between the producers and the log writer, and what it set aside."""
 
+    scope_key = "log"
+
     def _collect(self, now_ms: int) -> Iterator[Metric]:
-        buffer = self.keys.log_buffer
-        # The writer deletes what it wrote: the buffer's length is the backlog.
-        depth = int(self.client.xlen(buffer))
+        depth, age, rejected = 0, 0.0, 0
+        counts: dict[str, int] = {}
+        for keys in self.scopes():
+            # The writer deletes what it wrote: the buffer's length is the backlog.
+            scope_depth = int(self.client.xlen(keys.log_buffer))
+            depth += scope_depth
+            first: Any = self.client.xrange(keys.log_buffer, count=1) if scope_depth else []
+            if first:
+                age = max(age, _age_s(first[0][0], now_ms))
+            rejected += int(self.client.xlen(keys.log_rejected))
+            shed: Any = self.client.hgetall(keys.log_shed)
+            for kind, count in shed.items():
+                counts[_text(kind)] = counts.get(_text(kind), 0) + int(count)
         yield self._gauge("eventbus_log_buffer_records", "Records in the log buffer, not yet in PostgreSQL.", depth)
-        first: Any = self.client.xrange(buffer, count=1) if depth else []
-        yield self._gauge(
-            "eventbus_log_buffer_oldest_age_seconds",
-            "Age of the oldest record in the log buffer.",
-            _age_s(first[0][0], now_ms) if first else 0.0,
-        )
+        yield self._gauge("eventbus_log_buffer_oldest_age_seconds", "Age of the oldest record in the log buffer.", age)
         yield self._gauge(
             "eventbus_log_rejected_entries",
             "Records PostgreSQL refused, set aside in the log-rejected stream.",
-            int(self.client.xlen(self.keys.log_rejected)),
+            rejected,
         )
-        shed: Any = self.client.hgetall(self.keys.log_shed)
         family = GaugeMetricFamily(
             "eventbus_log_shed_records",
             "Records dropped because the log buffer was full (LOG_BUFFER_FULL_POLICY=shed), until reset.",
             labels=["kind"],
         )
-        counts = {_text(k): int(v) for k, v in shed.items()}
         family.add_metric(["event"], counts.get("e", 0))
         family.add_metric(["delivery"], counts.get("d", 0))
         yield family

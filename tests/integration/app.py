@@ -133,13 +133,14 @@ return r
 @event_bus.subscribe("policy.long.requested", queue="gamma", max_retries=0)
 def long_runner(event: dict[str, Any]) -> None:
     """Runs for ``sleep_s``, counting how many copies run at once."""
-    client, prefix = event_bus.sync_client(), event_bus.keys.prefix
-    client.eval(_CONCURRENCY_LUA, 2, f"{prefix}:test:running", f"{prefix}:test:max-running")
+    # One hash tag: on a Redis Cluster the script's two keys must share a slot.
+    client, tag = event_bus.sync_client(), f"{{{event_bus.keys.prefix}:test}}"
+    client.eval(_CONCURRENCY_LUA, 2, f"{tag}:running", f"{tag}:max-running")
     try:
         _count(event, "long_runner")
         time.sleep(event["data"]["sleep_s"])
     finally:
-        client.decr(f"{prefix}:test:running")
+        client.decr(f"{tag}:running")
 
 
 @event_bus.subscribe("once.redis.requested", queue="gamma", max_retries=3)

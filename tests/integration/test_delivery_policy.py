@@ -108,7 +108,7 @@ def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(sta
     )
     assert deferred and deferred[0] not in original
     _delivery(stack, event_id, "long_runner", "succeeded", timeout_s=60)
-    assert int(stack.redis.get(f"{stack.prefix}:test:max-running") or 0) == 1
+    assert int(stack.redis.get(f"{{{stack.prefix}:test}}:max-running") or 0) == 1
     wait_for(lambda: "this copy is skipped" in stack.log("worker"), timeout_s=30, what="the late copy skipped")
     wait_for(lambda: not _unacked(stack), timeout_s=30, what="nothing left unacknowledged")
     assert stack.queue_length("gamma") == 0

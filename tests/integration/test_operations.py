@@ -24,6 +24,7 @@ from project.bus import EventBus
 from project.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
+from tests.rabbitmq import WITH_CLUSTER
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -58,7 +59,7 @@ def _body(url: str, auth: tuple[str, str]) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed")
-@pytest.mark.brokers
+@pytest.mark.brokers(*WITH_CLUSTER)
 def test_flower_requires_auth_and_shows_workers_and_handler_tasks(stack: Stack, tmp_path: Path) -> None:
     port = _free_port()
     stack.env.update({"FLOWER_PORT": str(port), "FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret-pass"})

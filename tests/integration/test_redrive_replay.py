@@ -1,4 +1,8 @@
-"""Redrive, replay and backfill from the record, on a real router, worker, Redis and PostgreSQL."""
+"""Redrive, replay and backfill from the record, on a real router, worker, Redis and PostgreSQL.
+
+Each runs with Celery's queues in Redis, on RabbitMQ, and with the events on a Redis Cluster
+(where a delivery's state, a replay's mark and the log buffer are those of the event's scope).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from project.messages import delivery_task_id
 from project.operations import DeliveryFilter, ReplayFilter, backfill, redrive, replay
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
+from tests.rabbitmq import WITH_CLUSTER
 
-pytestmark = pytest.mark.brokers
+pytestmark = pytest.mark.brokers(*WITH_CLUSTER)
 
 APP = "tests.integration.app"
 DELIVERY = "SELECT status, attempts, redrives, redriven_at FROM event_deliveries WHERE event_id = :e AND handler = :h"
@@ -68,6 +73,9 @@ def test_redrive_sends_the_same_delivery_again_once_the_handler_is_fixed(stack: 
     ]
     assert row.attempts == 2 and row.redrives == 1 and row.redriven_at is not None  # counted, not reset
     assert stack.runs() == {f"{event_id}:fixable": 1}
+    # Its state in Redis is the one the workers keep, under the event's scope on a cluster.
+    state = stack.bus().keys.scoped("fixable.job.requested").delivery(delivery_task_id(event_id, f"{APP}.fixable"))
+    assert stack.redis.hget(state, "state") == b"done"
     assert redrive(stack.settings, flt, actor="ops").selected == 0  # nothing left to redrive
     assert _audit(stack) == [
         ("ops", "redrive", True, "finished", 1, 0, 0),
@@ -132,6 +140,9 @@ def test_replay_delivers_copies_recorded_as_replays_and_resumes_without_sending_
         until=lambda r: len(r) == 4 and all(x.status == "succeeded" for x in r),
     )
     assert sorted(r.replay_of for r in rows) == sorted(originals)
+    # Each copy is marked sent (in the scope of its event on a cluster).
+    keys = stack.bus().keys.scoped("user.birth_data.updated")
+    assert all(stack.redis.exists(keys.replayed(str(c["event_id"]))) for c in replays)
     # The same command once the run finished sends nothing; --again replays once more.
     assert replay(stack.settings, flt, actor="ops").sent == 0
     assert replay(stack.settings, flt, again=True, actor="ops").sent == 4
