@@ -20,7 +20,7 @@ import redis
 
 from project.keys import Keys
 
-__all__ = ["ScopeLoops", "discover_scopes", "literal_scopes"]
+__all__ = ["ScopeLoops", "discover_scopes", "literal_scopes", "scope_keys"]
 
 log = logging.getLogger("eventbus.scopes")
 
@@ -47,6 +47,17 @@ def discover_scopes(client: Any, keys: Keys, suffix: str = "stream") -> set[str]
         name = key.decode() if isinstance(key, bytes) else str(key)
         found.add(name[len(keys.root) + 2 : -len("}:" + suffix)])
     return found
+
+
+def scope_keys(client: Any, keys: Keys, *suffixes: str) -> list[Keys]:
+    """``[keys]`` in one Redis; on a cluster, the keys of every scope, in order, one of whose
+    ``suffixes`` keys (``stream``, ``log``, ``dead-letter``; default ``stream``) exists."""
+    if not keys.cluster:
+        return [keys]
+    found: set[str] = set()
+    for suffix in suffixes or ("stream",):
+        found |= discover_scopes(client, keys, suffix)
+    return [keys.of_scope(scope) for scope in sorted(found)]
 
 
 class ScopeLoops:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from project.keys import Keys
 from project.redis_conn import keys_for, redis_client
 from project.registry import Registry
-from project.scopes import discover_scopes
+from project.scopes import scope_keys
 from project.settings import Settings
 
 __all__ = ["Explorer"]
@@ -76,9 +76,7 @@ class Explorer:
         """``[keys]`` in one Redis; on a Redis Cluster, the keys of every scope whose ``suffix``
         stream exists (``stream``, ``log``, ``dead-letter``)."""
         keys = self.keys
-        if not keys.cluster:
-            return [keys]
-        return [keys.of_scope(scope) for scope in sorted(discover_scopes(self.client, keys, suffix))]
+        return scope_keys(self.client, keys, suffix) if keys.cluster else [keys]
 
     def registry(self) -> Registry:
         """The subscriptions (``EVENT_HANDLER_MODULES``), loaded on first use: a redrive needs

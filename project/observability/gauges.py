@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from project.keys import ROUTER_GROUP, Keys
-from project.scopes import discover_scopes
+from project.scopes import scope_keys
 
 __all__ = ["LogBufferGauges", "RouterGauges"]
 
@@ -91,8 +91,7 @@ class _RedisGauges(Collector):
         if not self.keys.cluster:
             return [self.keys]
         if time.monotonic() - self._found_at >= self.refresh_s:
-            found = discover_scopes(self.client, self.keys, self.scope_key)
-            self._scopes = [self.keys.of_scope(scope) for scope in sorted(found)]
+            self._scopes = scope_keys(self.client, self.keys, self.scope_key)
             self._found_at = time.monotonic()
         return self._scopes
 

@@ -129,15 +129,9 @@ class Stack:
 
     def scoped_keys(self) -> list[Any]:
         """The keys of each scope with events (one ``Keys`` in one Redis)."""
-        keys = self.bus().keys
-        if not keys.cluster:
-            return [keys]
-        from project.scopes import discover_scopes
+        from project.scopes import scope_keys
 
-        return [
-            keys.of_scope(s)
-            for s in sorted(discover_scopes(self.redis, keys) | discover_scopes(self.redis, keys, "log"))
-        ]
+        return scope_keys(self.redis, self.bus().keys, "stream", "log")
 
     def engine(self) -> sa.Engine:
         return sa.create_engine(self.env["DATABASE_URL"], poolclass=sa.pool.NullPool)
