@@ -158,6 +158,8 @@ def stage_rows(
       :mod:`bench.tasks` notes them for the probes; handler start: the probe's own start.
 
     Each stage's percentiles are its own: the p99s of the stages do not add up to the p99.
+    A stage the estimates make negative (an XADD or LPUSH time off by its error, for a stage
+    shorter than that error) counts as 0: no stage takes less.
     """
     entries = _entry_ids(client, [p.key for p in ours])
     calls = _router_calls()
@@ -168,7 +170,7 @@ def stage_rows(
     def add(side: str, times: dict[str, float]) -> None:
         for label, start, end in STAGES:
             if start in times and end in times:
-                values[side][label].append((times[end] - times[start]) * 1000)
+                values[side][label].append(max(0.0, (times[end] - times[start]) * 1000))
 
     for p in ours:
         times = {"publish": p.started - p.latency_s, "start": p.started, **stamps.get(p.task_id, {})}

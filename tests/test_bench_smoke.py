@@ -38,6 +38,11 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
         assert expected in names
     for r in results:
         assert set(r) >= {"name", "ours", "baseline", "ratio", "target", "units", "machine"}
-        assert r["ours"] > 0
+        if r["name"].startswith("memory:"):  # RSS growth: over a quick run's few events it may shrink
+            assert isinstance(r["ours"], int | float), r
+        elif r["name"].startswith("latency stage"):  # may be 0: shorter than its estimate's error
+            assert r["ours"] >= 0, r
+        else:
+            assert r["ours"] > 0, r
         assert r["machine"]["cores"]
     assert "benchmark" in out.stdout and "ratio" in out.stdout
