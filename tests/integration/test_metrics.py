@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import wait_for
@@ -54,6 +55,7 @@ def _wait_scrape(port: int, until: Callable[[Samples], bool], what: str) -> Samp
     return last
 
 
+@pytest.mark.brokers("redis", "cluster")
 def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack: Stack, tmp_path: Path) -> None:
     router_port, writer_port, worker_port = _free_port(), _free_port(), _free_port()
     files = tmp_path / "prometheus"
@@ -81,7 +83,8 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
         bus.publish_sync("cosmic.solar_storm.detected", {"kp_index": 7})
     bus.publish_sync("flaky.job.requested", {})  # fails twice, then succeeds
     bus.publish_sync("doomed.job.requested", {})  # 3 attempts, dead, then a module.error
-    stack.redis.xadd(stack.bus().keys.stream, {"e": b"not json"})  # dead-lettered
+    # dead-lettered (on a cluster, in the user scope's stream)
+    stack.redis.xadd(stack.bus().keys.scoped("user.birth_data.updated").stream, {"e": b"not json"})
 
     events = 2 + births + storms + 2 + 1  # + the module.error a worker publishes
     deliveries = 2 + births + 3 * storms + 1 + 1 + 1
