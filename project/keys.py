@@ -53,15 +53,14 @@ class Keys:
             return self
         return Keys(f"{{{self.root}:{scope}}}", cluster=True, root=self.root)
 
-    @property
-    def scope_stream_pattern(self) -> str:
-        """A SCAN pattern matching every scope's stream on a cluster."""
+    def scope_pattern(self, suffix: str = "stream") -> str:
+        """A SCAN pattern matching every scope's ``suffix`` key (``stream``, ``log``) on a cluster."""
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.root)
-        return f"{{{escaped}:*}}:stream"
+        return f"{{{escaped}:*}}:{suffix}"
 
-    def scope_of_stream(self, stream: str) -> str:
-        """Invert ``of_scope(scope).stream``."""
-        return stream[len(self.root) + 2 : -len("}:stream")]
+    def scope_of_key(self, key: str, suffix: str = "stream") -> str:
+        """Invert ``of_scope(scope)``'s ``suffix`` key: the scope it belongs to."""
+        return key[len(self.root) + 2 : -len("}:" + suffix)]
 
     @property
     def stream(self) -> str:

@@ -313,7 +313,7 @@ class Router:
         self.stats = RouterStats()
         self._script = self.client.register_script(_DISPATCH_LUA)
         self._owned_script = self.client.register_script(_OWNED_LUA)
-        # On a cluster without a scope, this router only runs one per scope (run_scopes).
+        # On a cluster without a scope, this router only runs one router per scope (run).
         self.scopes: ScopeLoops | None = None
         if self.keys.cluster and scope is None:
             self.scopes = ScopeLoops(

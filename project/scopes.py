@@ -41,11 +41,9 @@ def literal_scopes(patterns: Iterable[str]) -> set[str]:
 
 def discover_scopes(client: Any, keys: Keys, suffix: str = "stream") -> set[str]:
     """The scopes whose ``suffix`` key (``stream`` or ``log``) exists on the cluster."""
-    pattern = keys.scope_stream_pattern[: -len("stream")] + suffix
     found = set()
-    for key in client.scan_iter(match=pattern, count=1000, _type="STREAM"):
-        name = key.decode() if isinstance(key, bytes) else str(key)
-        found.add(name[len(keys.root) + 2 : -len("}:" + suffix)])
+    for key in client.scan_iter(match=keys.scope_pattern(suffix), count=1000, _type="STREAM"):
+        found.add(keys.scope_of_key(key.decode() if isinstance(key, bytes) else str(key), suffix))
     return found
 
 

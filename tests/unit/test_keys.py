@@ -18,7 +18,9 @@ def test_in_one_redis_scoped_keys_are_the_keys_of_old() -> None:
         "{events:user}:dlv:t",
         "events:user.x.y",
     )
-    assert cluster.scope_of_stream(user.stream) == "user"
+    assert cluster.scope_of_key(user.stream) == "user"
+    assert cluster.scope_of_key(user.log_buffer, "log") == "user"
+    assert cluster.scope_pattern("log") == "{events:*}:log"
     assert user.beat_lock == cluster.beat_lock == "events:beat:leader"
 
 
