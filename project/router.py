@@ -89,26 +89,48 @@ _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 _DISPATCH_LUA = """
 local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
-local log_max, shed, window, nq = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])
--- Every check comes before the first write: a Redis script is not rolled back when a
--- command fails, so a WRONGTYPE halfway through an entry would leave some of its tasks sent.
-for k, want in pairs({[2] = 'stream', [3] = 'stream', [4] = 'hash'}) do
+local log_max, shed, window = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6]
+-- A Redis script is not rolled back when a command fails, so no entry may be left half
+-- written: each key an entry writes is known to hold the right type before its first write.
+-- On the common path that costs no command of its own: XLEN checks the log buffer, and an
+-- entry's first push checks its queue key (refused, it leaves nothing behind). TYPE is asked
+-- of another queue key of the same entry, and of the dead-letter stream and the shed
+-- counters when they are about to be written, once per call.
+local good = {}
+local function keytype(k, want)
+  if good[k] then return nil end
   local t = redis.call('TYPE', KEYS[k])['ok']
-  if t ~= want and t ~= 'none' then
-    return redis.error_reply('EVENTBUS-KEYTYPE ' .. KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want)
-  end
+  if t == want or t == 'none' then good[k] = true return nil end
+  return t
 end
-local bad, badlist = {}, {}
-for k = 5, 4 + nq do
-  local t = redis.call('TYPE', KEYS[k])['ok']
-  if t ~= 'list' and t ~= 'none' then
-    bad[k] = t
-    badlist[#badlist + 1] = KEYS[k] .. ' (' .. t .. ')'
-  end
+local function keytype_error(k, want, t)
+  return redis.error_reply('EVENTBUS-KEYTYPE ' .. KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want)
 end
-local loglen = redis.call('XLEN', logbuf)
+local function wrongtype(reply)
+  return type(reply) == 'table' and reply.err and string.find(reply.err, 'WRONGTYPE', 1, true)
+end
+local loglen = redis.pcall('XLEN', logbuf)
+if type(loglen) == 'table' then
+  if wrongtype(loglen) then return keytype_error(2, 'stream', redis.call('TYPE', logbuf)['ok']) end
+  return loglen
+end
+good[2] = true
+-- LPUSH key m1 m2 ... (in chunks, as Lua's unpack is bounded); `first` uses pcall.
+local function push(q, msgs, first)
+  for c = 1, #msgs, 1000 do
+    local call = (first and c == 1) and redis.pcall or redis.call
+    local r = call('LPUSH', KEYS[q], unpack(msgs, c, math.min(c + 999, #msgs)))
+    if type(r) == 'table' then return r end
+  end
+  good[q] = true
+  return nil
+end
 local done, skipped, dups, shed_n, sent, dead = 0, 0, 0, 0, 0, 0
-local passed = {}
+local bad, badlist, passed = {}, {}, {}
+local function mark_bad(q, t)
+  bad[q] = t
+  badlist[#badlist + 1] = KEYS[q] .. ' (' .. t .. ')'
+end
 local i = 8
 while i <= #ARGV do
   local id, kind, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -125,31 +147,57 @@ while i <= #ARGV do
       dups = dups + 1  -- this event_id was published as another entry: already dispatched
       passed[#passed + 1] = id
     else
+      local badq
+      local order, msgs = {}, {}  -- the entry's queue keys in first-use order, their messages
       if kind == 'd' then
         for j = 0, n - 1 do
           local q = tonumber(ARGV[m + 2 * j])
-          if bad[q] then
-            kind, a = 'x', 'Celery queue key ' .. KEYS[q] .. ' holds a ' .. bad[q] .. ', not a list'
-            passed[#passed + 1] = id
-            local e = redis.call('XRANGE', stream, id, id)[1]
-            local raw = {}
-            if e then
-              for f = 1, #e[2], 2 do raw[e[2][f]] = string.sub(e[2][f + 1], 1, 8192) end
-            end
-            b = cjson.encode(raw)
-            break
+          if not msgs[q] then order[#order + 1] = q msgs[q] = {} end
+          local list = msgs[q]
+          list[#list + 1] = ARGV[m + 2 * j + 1]
+        end
+        for o = 1, #order do
+          local q = order[o]
+          if bad[q] then badq = q break end
+          if o > 1 then
+            local t = keytype(q, 'list')
+            if t then mark_bad(q, t) badq = q break end
           end
         end
       end
+      local sheds = kind == 'd' and shed and loglen >= log_max
+      if sheds and not badq then
+        local t = keytype(4, 'hash')
+        if t then return keytype_error(4, 'hash', t) end
+      end
+      if kind == 'd' and not badq and #order > 0 then
+        local r = push(order[1], msgs[order[1]], not good[order[1]])
+        if r then
+          if not wrongtype(r) then return r end
+          badq = order[1]
+          mark_bad(badq, redis.call('TYPE', KEYS[badq])['ok'])
+        else
+          for o = 2, #order do push(order[o], msgs[order[o]], false) end
+        end
+      end
+      if badq then
+        kind, a = 'x', 'Celery queue key ' .. KEYS[badq] .. ' holds a ' .. bad[badq] .. ', not a list'
+        passed[#passed + 1] = id
+        local e = redis.call('XRANGE', stream, id, id)[1]
+        local raw = {}
+        if e then
+          for f = 1, #e[2], 2 do raw[e[2][f]] = string.sub(e[2][f + 1], 1, 8192) end
+        end
+        b = cjson.encode(raw)
+      end
       if kind == 'x' then
+        local t = keytype(3, 'stream')
+        if t then return keytype_error(3, 'stream', t) end
         redis.call('XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*', 'id', id, 'reason', a, 'raw', b)
         dead = dead + 1
       else
-        for j = 0, n - 1 do
-          redis.call('LPUSH', KEYS[tonumber(ARGV[m + 2 * j])], ARGV[m + 2 * j + 1])
-        end
         sent = sent + n
-        if shed and loglen >= log_max then
+        if sheds then
           redis.call('HINCRBY', shed_key, 'e', 1)
           shed_n = shed_n + 1
         else

@@ -66,11 +66,11 @@ def test_router_killed_between_confirm_and_acknowledge_sends_again_and_each_hand
     stack: Stack,
 ) -> None:
     keys = stack.bus().keys
-    # The acknowledging script checks its keys' types before it writes anything; a dead-letter
+    # The acknowledging script checks its keys' types before it writes anything; a log buffer
     # key of the wrong type makes it refuse, after the tasks were published and confirmed.
     # The router keeps its entries pending and retries the acknowledgement, without sending
     # the confirmed tasks again, until it is killed.
-    stack.redis.set(keys.dead_letter, "in the way")
+    stack.redis.set(keys.log_buffer, "in the way")
     bus = stack.bus()
     # Published first, so the router reads them as one batch: a refused batch holds back the
     # entries after it until Redis takes it.
@@ -85,7 +85,7 @@ def test_router_killed_between_confirm_and_acknowledge_sends_again_and_each_hand
     router.wait()
     stack.procs.pop("router-1")
 
-    stack.redis.delete(keys.dead_letter)
+    stack.redis.delete(keys.log_buffer)
     stack.start_router("router-2")  # takes the dead router's entries over and sends them again
     stack.settle()
     assert _pending(stack) == 0

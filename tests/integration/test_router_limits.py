@@ -82,6 +82,56 @@ def test_a_celery_queue_key_of_the_wrong_type_dead_letters_only_the_entries_sent
     assert stack.procs["router"].poll() is None
 
 
+def test_an_entrys_only_queue_key_of_the_wrong_type_is_found_by_its_push_and_nothing_is_half_sent(
+    stack: Stack,
+) -> None:
+    # user.birth_data.updated goes to alpha only: no TYPE is asked first, the push itself is
+    # refused and leaves nothing behind.
+    client, keys = stack.redis, stack.bus().keys
+    client.set(keys.celery_queue("alpha"), "x")
+    bulk = [_envelope("bulk.item.made") for _ in range(2)]
+    birth = {_add(client, keys, _envelope("user.birth_data.updated")): None for _ in range(2)}
+    for env in bulk:
+        _add(client, keys, env)
+    stack.start_router()
+
+    wait_for(lambda: client.xlen(keys.dead_letter) == 2, what="two dead letters")
+    wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+    assert {f[b"id"].decode() for _, f in client.xrange(keys.dead_letter)} == set(birth)
+    reason = f"Celery queue key {keys.celery_queue('alpha')} holds a string, not a list"
+    assert {f[b"reason"].decode() for _, f in client.xrange(keys.dead_letter)} == {reason}
+    assert client.get(keys.celery_queue("alpha")) == b"x"  # untouched
+    assert stack.queue_length("beta") == 2 and stack.queue_length("gamma") == 2
+    stack.settle()
+    logged = stack.query("SELECT event_id::text FROM events_log")
+    assert sorted(r.event_id for r in logged) == sorted(env["event_id"] for env in bulk)
+
+
+def test_a_dead_letter_key_of_the_wrong_type_holds_back_only_what_must_be_dead_lettered(stack: Stack) -> None:
+    client, keys = stack.redis, stack.bus().keys
+    client.set(keys.dead_letter, "in the way")
+    good = [_envelope("user.birth_data.updated") for _ in range(3)]
+    for env in good:
+        _add(client, keys, env)
+    broken = str(client.xadd(keys.stream, {"e": "{not json"}).decode())
+    stack.start_router()
+
+    # The entries before the broken one are sent once; the broken one waits, never dropped.
+    wait_for(lambda: stack.queue_length("alpha") == 3, what="the good events sent")
+    wait_for(lambda: "EVENTBUS-KEYTYPE" in stack.log("router"), what="the refusal logged")
+    assert _pending(client, keys) == 1
+    assert client.get(keys.dead_letter) == b"in the way"
+
+    client.delete(keys.dead_letter)  # fixed: the broken entry is dead-lettered, nothing sent again
+    wait_for(lambda: client.xlen(keys.dead_letter) == 1, what="the broken entry dead-lettered")
+    wait_for(lambda: _pending(client, keys) == 0, what="every entry acknowledged")
+    [(_, letter)] = client.xrange(keys.dead_letter)
+    assert letter[b"id"].decode() == broken
+    ids = _task_ids(client, keys, "alpha")
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert stack.procs["router"].poll() is None
+
+
 def test_an_entry_redis_keeps_refusing_is_dead_lettered_alone_and_the_others_are_sent_once(stack: Stack) -> None:
     client, keys = stack.redis, stack.bus().keys
     before = [_envelope("user.birth_data.updated") for _ in range(5)]
