@@ -46,6 +46,7 @@ from project.keys import Keys
 from project.lease import keeper, new_token
 from project.observability import metrics
 from project.observability.tracing import handler_span
+from project.redis_conn import LuaScript
 from project.registry import Subscription
 
 __all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "ModuleError", "backoff_s", "register_tasks", "route_task"]
@@ -138,6 +139,8 @@ if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return {st, a}
 """
 
+_START, _DONE, _FAIL = LuaScript(_START_LUA), LuaScript(_DONE_LUA), LuaScript(_FAIL_LUA)
+
 _HOST = socket.gethostname()
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -226,7 +229,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         client, keys = self._scripts_args(task_id, args)
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
         try:
-            reply: Any = client.eval(_START_LUA, 2, *keys, token, lease_ms, self.max_attempts, s.delivery_done_ttl_s)
+            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, s.delivery_done_ttl_s)
         except redis.RedisError as exc:
             # Put the message back rather than run without a lease or lose it.
             log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)
@@ -292,13 +295,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
         token = keeper.release(lease) or ""
         attempt_of, attempts = self._attempts
         event = args[0] if args and isinstance(args[0], dict) else {}
-        self.bus.sync_client().eval(
-            _DONE_LUA,
-            4,
-            keys.delivery(task_id),
-            lease,
-            keys.log_buffer,
-            keys.log_shed,
+        _DONE(
+            self.bus.sync_client(),
+            [keys.delivery(task_id), lease, keys.log_buffer, keys.log_shed],
             token,
             s.delivery_done_ttl_s,
             str(event.get("event_id") or ""),
@@ -331,8 +330,8 @@ class DeliveryTask(Task):  # type: ignore[misc]
         # No retry can help these: attempts used up, or data its contract refuses.
         final = isinstance(exc, DeliveryExhausted | ContractViolation)
         try:
-            reply: Any = client.eval(
-                _FAIL_LUA, 2, *keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST
+            reply: Any = _FAIL(
+                client, keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST
             )
         except redis.RedisError:
             # The message is not acknowledged either (same Redis): it comes back after the

@@ -10,6 +10,7 @@ in the script that acknowledges its event).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -22,7 +23,7 @@ from project.errors import ConfigurationError
 from project.keys import Keys
 from project.settings import Settings
 
-__all__ = ["async_redis_client", "is_cluster", "keys_for", "redis_client", "require_amqp_on_cluster"]
+__all__ = ["LuaScript", "async_redis_client", "is_cluster", "keys_for", "redis_client", "require_amqp_on_cluster"]
 
 _known: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -81,3 +82,24 @@ def require_amqp_on_cluster(settings: Settings) -> None:
             "REDIS_URL names a Redis Cluster: Celery's queues must then be on RabbitMQ "
             "(set CELERY_BROKER_URL to an AMQP URL); kombu's Redis transport cannot use a cluster"
         )
+
+
+class LuaScript:
+    """A Lua script run with EVALSHA; a server that lacks it gets its text once, by EVAL.
+
+    For the scripts a worker runs on every handler run: EVAL would send the text (hundreds
+    of bytes) and make Redis hash it on every call. Module-level, so it outlives the client a
+    forked process replaces; on a Redis Cluster, EVALSHA goes to the master of its keys.
+    """
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    def __call__(self, client: Any, keys: list[str], *args: Any) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a new or flushed Redis (EVAL caches it there)
+            return client.eval(self.text, len(keys), *keys, *args)

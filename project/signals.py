@@ -26,6 +26,7 @@ from project.bus import EventBus
 from project.delivery import DeliveryTask
 from project.events import event_bus
 from project.observability import metrics
+from project.redis_conn import LuaScript
 
 __all__ = ["connect"]
 
@@ -54,6 +55,7 @@ if ARGV[4] ~= '' then err = ARGV[4] end
 redis.call('XADD', KEYS[1], '*', 'r', cjson.encode({'d', tonumber(ARGV[5]), ARGV[1], ARGV[2], st, a, err}))
 return 1
 """
+_RECORD = LuaScript(_RECORD_LUA)
 
 
 def _record(
@@ -75,12 +77,9 @@ def _record(
         keys, s = bus.keys, bus.settings
         if keys.cluster:  # the log buffer and delivery of the event's scope: one slot
             keys = keys.scoped(str(event_type or ""))
-        bus.sync_client().eval(
-            _RECORD_LUA,
-            3,
-            keys.log_buffer,
-            keys.delivery(task_id),
-            keys.log_shed,
+        _RECORD(
+            bus.sync_client(),
+            [keys.log_buffer, keys.delivery(task_id), keys.log_shed],
             str(event_id or ""),
             handler,
             status,
