@@ -6,7 +6,9 @@ production: ``METRICS_ENABLED`` (the worker in prometheus_client's multiprocess 
 router with its own registry, the publisher recording too) and the OpenTelemetry SDK in
 every process (:mod:`bench.null_tracing`: spans made and batched, exported nowhere), so every
 publish runs in a span and every event carries its trace context to the handler's span.
-Metrics are recorded but not scraped.
+Metrics are recorded but not scraped. A third side publishes as "on" does, but with the
+SDK's head sampling at one trace in ten (``parentbased_traceidratio``, 0.1), as a busy
+production setup would run it: a reference row, compared with "off" the same way.
 
 Each side publishes from a process of its own (:mod:`bench.publisher`), since a process
 cannot switch its tracer provider off again. The sides take turns, in chunks for publish and
@@ -45,6 +47,8 @@ __all__ = ["bench_observability"]
 PUBLISH_TYPE = "bench.item.made"  # as the publish benchmark: three subscriptions, none running here
 E2E_TYPE = "bench.one.made"  # as the throughput benchmark: one no-op handler
 TARGET = 0.9  # both on may cost at most 10%
+# The head sampling a production setup would use at this rate of events: one trace in ten.
+SAMPLED = ("parentbased_traceidratio", "0.1")
 # Both sides' publishers run on this CPU (where the OS can pin a process).
 PUBLISHER_CPU = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
@@ -85,10 +89,14 @@ def bench_observability(n_publish: int, n_e2e: int, rounds: int) -> list[Result]
     with ExitStack() as stack:
         off = stack.enter_context(_side("off", observed=False))
         on = stack.enter_context(_side("on", observed=True))
-        stack.callback(_wipe, client, on, off)
+        sampled = stack.enter_context(_side("sampled", observed=True, sampler=SAMPLED))
+        stack.callback(_wipe, client, on, off, sampled)
         chunk, count = pair_chunks(n_publish, rounds)
         publish = median_pairs(_pair(i, lambda s: s.publish(chunk, PUBLISH_TYPE), on, off) for i in range(count))
-        _wipe(client, on, off)  # nothing consumed those: the stacks must not start on them
+        publish_sampled = median_pairs(
+            _pair(i, lambda s: s.publish(chunk, PUBLISH_TYPE), sampled, off) for i in range(count)
+        )
+        _wipe(client, on, off, sampled)  # nothing consumed those: the stacks must not start on them
         for side in (off, on):
             stack.enter_context(_stack(side))
         for side in (off, on):
@@ -98,6 +106,10 @@ def bench_observability(n_publish: int, n_e2e: int, rounds: int) -> list[Result]
     return [
         result("observability: publish (publish_sync), on vs off", publish[0], publish[1], TARGET, "events/s",
                ratio=publish[2], note=note),
+        result("observability: publish (publish_sync), on with 10% of traces sampled vs off", publish_sampled[0],
+               publish_sampled[1], None, "events/s", ratio=publish_sampled[2],
+               note=f"OTEL_TRACES_SAMPLER={SAMPLED[0]}, OTEL_TRACES_SAMPLER_ARG={SAMPLED[1]}: a publish outside "
+                    "a trace starts one in ten; metrics on"),
         result("observability: throughput end to end, on vs off", e2e[0], e2e[1], TARGET, "events/s", ratio=e2e[2],
                note=note + "; no-op handlers, 2 worker processes, router and log writer"),
     ]  # fmt: skip
@@ -139,10 +151,15 @@ def _settle(client: redis.Redis, keys: Keys) -> None:
 
 
 @contextmanager
-def _side(name: str, *, observed: bool) -> Iterator[_Side]:
-    """A side's environment and its publisher process (stopped on the way out)."""
+def _side(name: str, *, observed: bool, sampler: tuple[str, str] | None = None) -> Iterator[_Side]:
+    """A side's environment and its publisher process (stopped on the way out).
+
+    ``sampler``: the OpenTelemetry SDK's ``OTEL_TRACES_SAMPLER`` and its argument.
+    """
     prefix = f"{PREFIX}-obs-{name}"
     env = {"EVENTS_PREFIX": prefix, "METRICS_ENABLED": "true" if observed else "false"}
+    if sampler is not None:
+        env.update(OTEL_TRACES_SAMPLER=sampler[0], OTEL_TRACES_SAMPLER_ARG=sampler[1])
     if observed:
         env.update(
             EVENT_HANDLER_MODULES="bench.handlers,bench.null_tracing",

@@ -29,6 +29,7 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
                      "latency stage p99: task_prerun → handler start", "throughput end to end",
                      "Redis commands per handler run", "Redis commands per handler run, burst", "log writer",
                      "observability: publish (publish_sync), on vs off",
+                     "observability: publish (publish_sync), on with 10% of traces sampled vs off",
                      "observability: throughput end to end, on vs off", "rabbitmq: dispatch vs apply_async",
                      "rabbitmq: latency p50", "rabbitmq: latency p99", "cluster: dispatch, 3 masters vs one Redis",
                      "cluster: dispatch, 2 routers vs 1 (3 masters)",
