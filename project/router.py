@@ -1,13 +1,14 @@
 """The router: reads the event stream through a consumer group and dispatches Celery tasks.
 
 For each batch it validates every entry, matches it against all subscriptions, builds one
-Celery message per match and then runs a Lua script that, per entry and atomically:
-checks the entry is still pending for this consumer, drops it if its event_id was already
-published as another entry, LPUSHes its messages onto the Celery queues, appends its record
-to the log buffer (or the entry to the dead-letter stream) and XACKs it. So an entry is
-dispatched once even when routers crash (its messages were either all sent and the entry
-acknowledged, or neither) or when two routers race for an entry (the one that no longer
-owns it sends nothing).
+Celery message per match and then runs a Lua script that, atomically: checks which entries
+are still pending for this consumer (one XPENDING over their range), and for each of those
+drops it if its event_id was already published as another entry, LPUSHes its messages onto
+the Celery queues (one LPUSH per queue) and appends its record to the log buffer (or the
+entry to the dead-letter stream); then it XACKs the entries it handled, in one call, also
+when an entry failed halfway through the batch. So an entry is dispatched once even when
+routers crash (its messages were either all sent and the entry acknowledged, or neither) or
+when two routers race for an entry (the one that no longer owns it sends nothing).
 
 With Celery's queues on RabbitMQ (``CELERY_BROKER_URL`` an AMQP URL), the script cannot send
 the tasks. The router then publishes them first, on one held channel, waits for RabbitMQ's
@@ -131,86 +132,129 @@ local function mark_bad(q, t)
   bad[q] = t
   badlist[#badlist + 1] = KEYS[q] .. ' (' .. t .. ')'
 end
-local i = 8
-while i <= #ARGV do
-  local id, kind, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local pub, n = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local m = i + 6
-  i = m + 2 * n
-  if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then
-    skipped = skipped + 1
-    passed[#passed + 1] = id
-  else
-    local prev = false
-    if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
-    if prev and prev ~= id then
-      dups = dups + 1  -- this event_id was published as another entry: already dispatched
+-- Which of the call's entries are still pending for this consumer: one XPENDING over their
+-- range (ids compared as numbers written in decimal: they can exceed a Lua number's 2^53).
+local function before(x, y)
+  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+  if #xm ~= #ym then return #xm < #ym end
+  if xm ~= ym then return xm < ym end
+  if #xs ~= #ys then return #xs < #ys end
+  return xs < ys
+end
+local entries, low, high = 0, nil, nil
+local j = 8
+while j <= #ARGV do
+  entries = entries + 1
+  local id = ARGV[j]
+  if not low or before(id, low) then low = id end
+  if not high or before(high, id) then high = id end
+  j = j + 6 + 2 * tonumber(ARGV[j + 5])
+end
+local mine, limit = {}, entries + 100
+if entries > 0 then
+  local pend = redis.call('XPENDING', stream, group, low, high, limit, consumer)
+  for _, p in ipairs(pend) do mine[p[1]] = true end
+  if #pend >= limit then mine = nil end  -- more of ours in that range than it listed: ask each
+end
+local function pending(id)
+  if mine then return mine[id] end
+  return #redis.call('XPENDING', stream, group, id, id, 1, consumer) > 0
+end
+-- The entries handled are acknowledged together at the end, also when one fails halfway.
+local acked = {}
+local function handle()
+  local i = 8
+  while i <= #ARGV do
+    local id, kind, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local pub, n = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+    local m = i + 6
+    i = m + 2 * n
+    if not pending(id) then
+      skipped = skipped + 1
       passed[#passed + 1] = id
     else
-      local badq
-      local order, msgs = {}, {}  -- the entry's queue keys in first-use order, their messages
-      if kind == 'd' then
-        for j = 0, n - 1 do
-          local q = tonumber(ARGV[m + 2 * j])
-          if not msgs[q] then order[#order + 1] = q msgs[q] = {} end
-          local list = msgs[q]
-          list[#list + 1] = ARGV[m + 2 * j + 1]
-        end
-        for o = 1, #order do
-          local q = order[o]
-          if bad[q] then badq = q break end
-          if o > 1 then
-            local t = keytype(q, 'list')
-            if t then mark_bad(q, t) badq = q break end
+      local prev = false
+      if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
+      if prev and prev ~= id then
+        dups = dups + 1  -- this event_id was published as another entry: already dispatched
+        passed[#passed + 1] = id
+      else
+        local badq
+        local order, msgs = {}, {}  -- the entry's queue keys in first-use order, their messages
+        if kind == 'd' then
+          for j = 0, n - 1 do
+            local q = tonumber(ARGV[m + 2 * j])
+            if not msgs[q] then order[#order + 1] = q msgs[q] = {} end
+            local list = msgs[q]
+            list[#list + 1] = ARGV[m + 2 * j + 1]
+          end
+          for o = 1, #order do
+            local q = order[o]
+            if bad[q] then badq = q break end
+            if o > 1 then
+              local t = keytype(q, 'list')
+              if t then mark_bad(q, t) badq = q break end
+            end
           end
         end
-      end
-      local sheds = kind == 'd' and shed and loglen >= log_max
-      if sheds and not badq then
-        local t = keytype(4, 'hash')
-        if t then return keytype_error(4, 'hash', t) end
-      end
-      if kind == 'd' and not badq and #order > 0 then
-        local r = push(order[1], msgs[order[1]], not good[order[1]])
-        if r then
-          if not wrongtype(r) then return r end
-          badq = order[1]
-          mark_bad(badq, redis.call('TYPE', KEYS[badq])['ok'])
+        local sheds = kind == 'd' and shed and loglen >= log_max
+        if sheds and not badq then
+          local t = keytype(4, 'hash')
+          if t then return keytype_error(4, 'hash', t) end
+        end
+        if kind == 'd' and not badq and #order > 0 then
+          local r = push(order[1], msgs[order[1]], not good[order[1]])
+          if r then
+            if not wrongtype(r) then return r end
+            badq = order[1]
+            mark_bad(badq, redis.call('TYPE', KEYS[badq])['ok'])
+          else
+            for o = 2, #order do push(order[o], msgs[order[o]], false) end
+          end
+        end
+        if badq then
+          kind, a = 'x', 'Celery queue key ' .. KEYS[badq] .. ' holds a ' .. bad[badq] .. ', not a list'
+          passed[#passed + 1] = id
+          local e = redis.call('XRANGE', stream, id, id)[1]
+          local raw = {}
+          if e then
+            for f = 1, #e[2], 2 do raw[e[2][f]] = string.sub(e[2][f + 1], 1, 8192) end
+          end
+          b = cjson.encode(raw)
+        end
+        if kind == 'x' then
+          local t = keytype(3, 'stream')
+          if t then return keytype_error(3, 'stream', t) end
+          redis.call('XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*', 'id', id, 'reason', a, 'raw', b)
+          dead = dead + 1
         else
-          for o = 2, #order do push(order[o], msgs[order[o]], false) end
+          sent = sent + n
+          if sheds then
+            redis.call('HINCRBY', shed_key, 'e', 1)
+            shed_n = shed_n + 1
+          else
+            redis.call('XADD', logbuf, '*', 'r', a)
+            loglen = loglen + 1
+          end
+          if pub > 0 and not prev then redis.call('SET', KEYS[pub], id, 'EX', window) end
         end
       end
-      if badq then
-        kind, a = 'x', 'Celery queue key ' .. KEYS[badq] .. ' holds a ' .. bad[badq] .. ', not a list'
-        passed[#passed + 1] = id
-        local e = redis.call('XRANGE', stream, id, id)[1]
-        local raw = {}
-        if e then
-          for f = 1, #e[2], 2 do raw[e[2][f]] = string.sub(e[2][f + 1], 1, 8192) end
-        end
-        b = cjson.encode(raw)
-      end
-      if kind == 'x' then
-        local t = keytype(3, 'stream')
-        if t then return keytype_error(3, 'stream', t) end
-        redis.call('XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*', 'id', id, 'reason', a, 'raw', b)
-        dead = dead + 1
-      else
-        sent = sent + n
-        if sheds then
-          redis.call('HINCRBY', shed_key, 'e', 1)
-          shed_n = shed_n + 1
-        else
-          redis.call('XADD', logbuf, '*', 'r', a)
-          loglen = loglen + 1
-        end
-        if pub > 0 and not prev then redis.call('SET', KEYS[pub], id, 'EX', window) end
-      end
+      acked[#acked + 1] = id
+      done = done + 1
     end
-    redis.call('XACK', stream, group, id)
-    done = done + 1
   end
+  return nil
 end
+local ok, failed = pcall(handle)
+for c = 1, #acked, 1000 do
+  redis.call('XACK', stream, group, unpack(acked, c, math.min(c + 999, #acked)))
+end
+if not ok then
+  if type(failed) == 'table' then return failed end
+  return redis.error_reply(tostring(failed))
+end
+if failed then return failed end  -- a key of the wrong type, found before the entry wrote
 return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
 """
 
