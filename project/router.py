@@ -78,6 +78,38 @@ _ENVIRONMENTAL_CODES = ("OOM", "READONLY", "BUSY", "NOREPLICAS", "MISCONF", "EVE
 _CONFIRMED_KEEP = 100_000
 _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 
+# Lua: `pending_of(stream, group, consumer, ids)`, a function telling whether an id of `ids`
+# is still pending for this consumer. One XPENDING over their range answers for all of them
+# (one per id if that range holds more of the consumer's entries than it listed). Stream ids
+# are compared as numbers written in decimal: their parts can exceed a Lua number's 2^53.
+_PENDING_LUA = """
+local function pending_of(stream, group, consumer, ids)
+  local function before(x, y)
+    local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+    local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+    if #xm ~= #ym then return #xm < #ym end
+    if xm ~= ym then return xm < ym end
+    if #xs ~= #ys then return #xs < #ys end
+    return xs < ys
+  end
+  local low, high = ids[1], ids[1]
+  for _, id in ipairs(ids) do
+    if before(id, low) then low = id end
+    if before(high, id) then high = id end
+  end
+  local mine, limit = {}, #ids + 100
+  if #ids > 0 then
+    local listed = redis.call('XPENDING', stream, group, low, high, limit, consumer)
+    for _, p in ipairs(listed) do mine[p[1]] = true end
+    if #listed >= limit then mine = nil end
+  end
+  return function(id)
+    if mine then return mine[id] == true end
+    return #redis.call('XPENDING', stream, group, id, id, 1, consumer) > 0
+  end
+end
+"""
+
 # KEYS: stream, log buffer, dead-letter, log-shed counters, then the Celery queue lists
 #   (ARGV[7] of them), then the dedup keys of the entries' event_ids.
 # ARGV: group, consumer, dead-letter maxlen, log buffer bound, shed ('1' | '0'), dedup
@@ -87,7 +119,7 @@ _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 # Returns {entries handled, skipped, duplicates, records shed, tasks sent, dead-lettered,
 #   {"<key> (<type>)", ...} of queue keys that are not lists, {ids of the 'd' entries not
 #   dispatched here (skipped, duplicate, or dead-lettered for a bad queue key)}}.
-_DISPATCH_LUA = """
+_DISPATCH_LUA = _PENDING_LUA + """
 local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
 local log_max, shed, window = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6]
@@ -132,35 +164,12 @@ local function mark_bad(q, t)
   bad[q] = t
   badlist[#badlist + 1] = KEYS[q] .. ' (' .. t .. ')'
 end
--- Which of the call's entries are still pending for this consumer: one XPENDING over their
--- range (ids compared as numbers written in decimal: they can exceed a Lua number's 2^53).
-local function before(x, y)
-  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
-  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
-  if #xm ~= #ym then return #xm < #ym end
-  if xm ~= ym then return xm < ym end
-  if #xs ~= #ys then return #xs < #ys end
-  return xs < ys
-end
-local entries, low, high = 0, nil, nil
-local j = 8
+local ids, j = {}, 8
 while j <= #ARGV do
-  entries = entries + 1
-  local id = ARGV[j]
-  if not low or before(id, low) then low = id end
-  if not high or before(high, id) then high = id end
+  ids[#ids + 1] = ARGV[j]
   j = j + 6 + 2 * tonumber(ARGV[j + 5])
 end
-local mine, limit = {}, entries + 100
-if entries > 0 then
-  local pend = redis.call('XPENDING', stream, group, low, high, limit, consumer)
-  for _, p in ipairs(pend) do mine[p[1]] = true end
-  if #pend >= limit then mine = nil end  -- more of ours in that range than it listed: ask each
-end
-local function pending(id)
-  if mine then return mine[id] end
-  return #redis.call('XPENDING', stream, group, id, id, 1, consumer) > 0
-end
+local pending = pending_of(stream, group, consumer, ids)
 -- The entries handled are acknowledged together at the end, also when one fails halfway.
 local acked = {}
 local function handle()
@@ -262,11 +271,14 @@ return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
 # KEYS: stream, then the dedup keys of the entries' event_ids. ARGV: group, consumer, then per
 # entry: id, dedup KEYS index (0: none). Returns the ids still pending for this consumer whose
 # event_id was not published as another entry (the same checks the dispatch script makes).
-_OWNED_LUA = """
+_OWNED_LUA = _PENDING_LUA + """
+local ids = {}
+for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local pending = pending_of(KEYS[1], ARGV[1], ARGV[2], ids)
 local out = {}
 for i = 3, #ARGV, 2 do
   local id, pub = ARGV[i], tonumber(ARGV[i + 1])
-  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) > 0 then
+  if pending(id) then
     local prev = false
     if pub > 0 then prev = redis.call('GET', KEYS[pub]) end
     if not prev or prev == id then out[#out + 1] = id end
