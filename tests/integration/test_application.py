@@ -169,7 +169,8 @@ def test_a_solar_delivery_run_again_after_its_commit_writes_and_publishes_nothin
         cwd=ROOT, env={**os.environ, **app_stack.env}, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: "'status': 'duplicate'" in app_stack.log("worker"), what="the second copy to find its inbox row")
+    wait_for(lambda: "succeeded in" in app_stack.log("worker") and ": 'duplicate'" in app_stack.log("worker"),
+             what="the second copy to find its inbox row")  # fmt: skip
     assert [r.computed_at for r in app_stack.query(sql, u=user)] == [first.computed_at]
     assert len(_stream_events(app_stack, "module.profile.calculated")) == 1
 
