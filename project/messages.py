@@ -22,16 +22,19 @@ runs the task in a span of the publisher's trace instead of starting a trace of 
 from __future__ import annotations
 
 import base64
-import json
+import hashlib
 import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 __all__ = ["TaskMessage", "build_task_message", "delivery_task_id", "task_message", "wrap_message"]
 
 # Fixed namespace: the same (event_id, handler) always gets the same task_id.
 _TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
+_NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
 _ORIGIN = f"eventbus-router@{socket.gethostname()}"
 # Celery sends its app's per-thread id here (only the rpc:// result backend reads it); one
@@ -40,8 +43,17 @@ _REPLY_TO = str(uuid.uuid4())
 
 
 def delivery_task_id(event_id: str, handler: str) -> str:
-    """The Celery task id of the delivery of ``event_id`` to ``handler`` (deterministic)."""
-    return str(uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}"))
+    """The Celery task id of the delivery of ``event_id`` to ``handler`` (deterministic).
+
+    ``uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}")``, written out: the router makes
+    one per handler run, and the ``UUID`` object's construction and formatting were about
+    three quarters of it.
+    """
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{event_id}/{handler}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,4 +146,4 @@ def wrap_message(body: bytes, headers: dict[str, Any], *, queue: str, task_id: s
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return json.dumps(message, separators=(",", ":"))
+    return orjson.dumps(message).decode()

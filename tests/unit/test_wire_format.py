@@ -291,3 +291,12 @@ def test_reply_to_has_the_shape_celery_gives_it(sent: Sent) -> None:
     # Celery's is app.thread_oid, which differs per sending process and thread: compare shape.
     assert str(uuid.UUID(theirs)) == theirs
     assert str(uuid.UUID(ours)) == ours
+
+
+@pytest.mark.parametrize("handler", ["handlers.lunar.LunarModule.recalculate", "", "mödule.hàndler.√", "a/b"])
+def test_a_delivery_task_id_is_the_uuid5_of_the_event_id_and_handler(handler: str) -> None:
+    # Written out by hand for speed; done markers and records are keyed by it across versions.
+    namespace = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
+    for _ in range(200):
+        event_id = str(uuid.uuid4())
+        assert delivery_task_id(event_id, handler) == str(uuid.uuid5(namespace, f"{event_id}/{handler}"))
