@@ -27,6 +27,7 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
                      "latency p99", "latency p99, worst window", "latency stage p50: publish → XADD",
                      "latency stage p99: XADD → router read", "latency stage p50: LPUSH → worker receive",
                      "latency stage p99: task_prerun → handler start", "throughput end to end",
+                     "throughput end to end vs stock Celery",
                      "Redis commands per handler run", "Redis commands per handler run, burst", "log writer",
                      "observability: publish (publish_sync), on vs off",
                      "observability: publish (publish_sync), on with 10% of traces sampled vs off",
