@@ -119,7 +119,9 @@ end
 # Returns {entries handled, skipped, duplicates, records shed, tasks sent, dead-lettered,
 #   {"<key> (<type>)", ...} of queue keys that are not lists, {ids of the 'd' entries not
 #   dispatched here (skipped, duplicate, or dead-lettered for a bad queue key)}}.
-_DISPATCH_LUA = _PENDING_LUA + """
+_DISPATCH_LUA = (
+    _PENDING_LUA
+    + """
 local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
 local log_max, shed, window = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6]
@@ -266,12 +268,15 @@ end
 if failed then return failed end  -- a key of the wrong type, found before the entry wrote
 return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
 """
+)
 
 # RabbitMQ broker, before publishing: which entries may still be sent by this router.
 # KEYS: stream, then the dedup keys of the entries' event_ids. ARGV: group, consumer, then per
 # entry: id, dedup KEYS index (0: none). Returns the ids still pending for this consumer whose
 # event_id was not published as another entry (the same checks the dispatch script makes).
-_OWNED_LUA = _PENDING_LUA + """
+_OWNED_LUA = (
+    _PENDING_LUA
+    + """
 local ids = {}
 for i = 3, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
 local pending = pending_of(KEYS[1], ARGV[1], ARGV[2], ids)
@@ -286,6 +291,7 @@ for i = 3, #ARGV, 2 do
 end
 return out
 """
+)
 
 # Trims the stream up to the oldest entry some consumer group still needs: its oldest
 # pending entry, or else the one after the last it read. One script, so a group created
