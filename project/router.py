@@ -78,24 +78,33 @@ _ENVIRONMENTAL_CODES = ("OOM", "READONLY", "BUSY", "NOREPLICAS", "MISCONF", "EVE
 _CONFIRMED_KEEP = 100_000
 _ARG_OVERHEAD = 16  # bytes of RESP framing per argument, roughly
 
+# Lua: `id_parts(id)` and `id_less(x, y)` for stream ids. Their parts are compared as numbers
+# written in decimal: they can exceed a Lua number's 2^53.
+_ID_LUA = """
+local function id_parts(id) return string.match(id, '^(%d+)-(%d+)$') end
+local function num_less(x, y)
+  if #x ~= #y then return #x < #y end
+  return x < y
+end
+local function id_less(x, y)
+  local xm, xs = id_parts(x)
+  local ym, ys = id_parts(y)
+  if xm ~= ym then return num_less(xm, ym) end
+  return num_less(xs, ys)
+end
+"""
+
 # Lua: `pending_of(stream, group, consumer, ids)`, a function telling whether an id of `ids`
 # is still pending for this consumer. One XPENDING over their range answers for all of them
-# (one per id if that range holds more of the consumer's entries than it listed). Stream ids
-# are compared as numbers written in decimal: their parts can exceed a Lua number's 2^53.
-_PENDING_LUA = """
+# (one per id if that range holds more of the consumer's entries than it listed).
+_PENDING_LUA = (
+    _ID_LUA
+    + """
 local function pending_of(stream, group, consumer, ids)
-  local function before(x, y)
-    local xm, xs = string.match(x, '^(%d+)-(%d+)$')
-    local ym, ys = string.match(y, '^(%d+)-(%d+)$')
-    if #xm ~= #ym then return #xm < #ym end
-    if xm ~= ym then return xm < ym end
-    if #xs ~= #ys then return #xs < #ys end
-    return xs < ys
-  end
   local low, high = ids[1], ids[1]
   for _, id in ipairs(ids) do
-    if before(id, low) then low = id end
-    if before(high, id) then high = id end
+    if id_less(id, low) then low = id end
+    if id_less(high, id) then high = id end
   end
   local mine, limit = {}, #ids + 100
   if #ids > 0 then
@@ -109,6 +118,7 @@ local function pending_of(stream, group, consumer, ids)
   end
 end
 """
+)
 
 # KEYS: stream, log buffer, dead-letter, log-shed counters, then the Celery queue lists
 #   (ARGV[7] of them), then the dedup keys of the entries' event_ids.
@@ -149,7 +159,6 @@ if type(loglen) == 'table' then
   if wrongtype(loglen) then return keytype_error(2, 'stream', redis.call('TYPE', logbuf)['ok']) end
   return loglen
 end
-good[2] = true
 -- LPUSH key m1 m2 ... (in chunks, as Lua's unpack is bounded); `first` uses pcall.
 local function push(q, msgs, first)
   for c = 1, #msgs, 1000 do
@@ -296,22 +305,12 @@ return out
 # Trims the stream up to the oldest entry some consumer group still needs: its oldest
 # pending entry, or else the one after the last it read. One script, so a group created
 # (or an entry read) meanwhile cannot slip between computing the bound and trimming.
-# Stream ids are compared as decimal strings: their parts can exceed a Lua number's 2^53.
 # KEYS: stream. ARGV: the router group. Returns the number of entries trimmed.
-_TRIM_LUA = """
+_TRIM_LUA = (
+    _ID_LUA
+    + """
 local stream, router = KEYS[1], ARGV[1]
 if redis.call('EXISTS', stream) == 0 then return 0 end
-local function parts(id) return string.match(id, '^(%d+)-(%d+)$') end
-local function num_less(x, y)
-  if #x ~= #y then return #x < #y end
-  return x < y
-end
-local function less(x, y)
-  local xm, xs = parts(x)
-  local ym, ys = parts(y)
-  if xm ~= ym then return num_less(xm, ym) end
-  return num_less(xs, ys)
-end
 local function incr(s)
   local k = #s
   while k > 0 and string.sub(s, k, k) == '9' do k = k - 1 end
@@ -327,14 +326,15 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   if tonumber(info['pending']) > 0 then
     need = redis.call('XPENDING', stream, info['name'])[2]
   else
-    local ms, seq = parts(info['last-delivered-id'])
+    local ms, seq = id_parts(info['last-delivered-id'])
     need = ms .. '-' .. incr(seq)
   end
-  if low == nil or less(need, low) then low = need end
+  if low == nil or id_less(need, low) then low = need end
 end
 if not seen_router then return 0 end  -- the routers have not read anything yet
 return redis.call('XTRIM', stream, 'MINID', low)
 """
+)
 
 
 @dataclass
