@@ -91,10 +91,17 @@ def end_to_end() -> Iterator[redis.Redis]:
         shutil.rmtree(STAGES_DIR, ignore_errors=True)
 
 
-def worker_cmd(node: str = f"bench-{PREFIX}") -> list[str]:
-    """A Celery worker on the bench queue: two prefork processes, our handlers and the baseline tasks."""
-    return [sys.executable, "-m", "celery", "-A", "project.celery_app", "worker", "-Q", "bench", "-c", "2",
-            "-P", "prefork", "-I", "bench.tasks", "--without-gossip", "--without-mingle", "--loglevel", "WARNING",
+def worker_cmd(
+    node: str = f"bench-{PREFIX}",
+    *,
+    app: str = "project.celery_app",
+    queue: str = "bench",
+    imports: str = "bench.tasks",
+) -> list[str]:
+    """A Celery worker of two prefork processes on ``queue``: by default ours, with our
+    handlers and the baseline tasks (``imports``: ``-I``, none if empty)."""
+    return [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue, "-c", "2", "-P", "prefork",
+            *(["-I", imports] if imports else []), "--without-gossip", "--without-mingle", "--loglevel", "WARNING",
             "-n", f"{node}@%h"]  # fmt: skip
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import redis
 
 from bench.harness import PREFIX, Result, result
-from bench.stack import DONE_KEY, processes, wait_until, warm_up
+from bench.stack import DONE_KEY, processes, wait_until, warm_up, worker_cmd
 from project.events import event_bus
 
-__all__ = ["bench_throughput", "stock_worker_cmd"]
+__all__ = ["bench_throughput"]
 
 TARGET = 0.95  # of bare Celery on the same worker (the performance issue, round two)
 
@@ -36,7 +35,8 @@ def bench_throughput(client: redis.Redis, n: int) -> list[Result]:
         wait_until(lambda: int(client.get(DONE_KEY) or 0) >= n, 300)
         return n / (time.perf_counter() - start)
 
-    with processes(stock_worker_cmd(), label=f"{PREFIX}-stock"):
+    stock_worker = worker_cmd(f"stock-{PREFIX}", app="bench.stock_app", queue=QUEUE, imports="")
+    with processes(stock_worker, label=f"{PREFIX}-stock"):
         warm_up(client, lambda: stock_count.apply_async(queue=QUEUE))
         rounds = [
             (
@@ -55,11 +55,3 @@ def bench_throughput(client: redis.Redis, n: int) -> list[Result]:
                "events/s", ratio=statistics.median(r[0] / r[2] for r in rounds),
                note=note + "; baseline: a stock Celery worker of 2 processes (bench.stock_app)"),
     ]  # fmt: skip
-
-
-def stock_worker_cmd() -> list[str]:
-    """A stock Celery worker (no eventbus) of two prefork processes on :data:`bench.stock_app.QUEUE`."""
-    from bench.stock_app import QUEUE
-
-    return [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker", "-Q", QUEUE, "-c", "2", "-P", "prefork",
-            "--without-gossip", "--without-mingle", "--loglevel", "WARNING", "-n", f"stock-{PREFIX}@%h"]  # fmt: skip
