@@ -26,7 +26,7 @@ from project.keys import Keys, scope_of
 from project.observability import metrics, tracing
 from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
-from project.redis_conn import async_redis_client, keys_for, redis_client
+from project.redis_conn import async_redis_client, keys_for, redis_client, send_one
 from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
 
@@ -268,12 +268,12 @@ class EventBus:
                 stream, dedup_prefix = self._scope_target(event_type)
             # EVALSHA straight away: redis-py's Script wrapper (and its evalsha's) cost more than the encoding.
             dedup, batch = dedup_prefix + event_id, f"{encoded}\n{self._channel_prefix}{event_type}"
-            args = (_PUBLISH_SHA, 2, stream, dedup, window, batch)
+            args = ("EVALSHA", _PUBLISH_SHA, 2, stream, dedup, window, batch)
             try:
-                (reply,) = client.execute_command("EVALSHA", *args)  # type: ignore[no-untyped-call]
+                (reply,) = send_one(client, *args)
             except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
                 client.script_load(PUBLISH_LUA)
-                (reply,) = client.execute_command("EVALSHA", *args)  # type: ignore[no-untyped-call]
+                (reply,) = send_one(client, *args)
             if isinstance(reply, redis.RedisError):  # Redis refused this event (the script's pcall)
                 raise reply
         except redis.RedisError as exc:

@@ -20,6 +20,7 @@ from project.errors import InvalidEventData, PublishOutcomeUnknown, PublishRefus
 from project.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.conftest import REDIS_URL
+from tests.integration.redis_server import redis_server
 
 
 def _bus(prefix: str, url: str = REDIS_URL, **extra: object) -> EventBus:
@@ -143,3 +144,31 @@ def test_publish_into_a_full_redis_is_refused_and_nothing_earlier_is_evicted(ful
     assert len(accepted) > 100
     stored = [decode_envelope(f[b"e"], 65536).event_id for f in _entries(bus)]
     assert stored == accepted  # every accepted event is still there, in order; no trimming
+
+
+def test_publish_sync_reconnects_after_redis_closed_its_connection_and_reuses_one_connection(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus("reconnect", url=url)
+        admin = redis.Redis.from_url(url)
+        first = bus.publish_sync("user.created", {"a": 1})
+        pool = bus.sync_client().connection_pool
+        assert len(pool._in_use_connections) == 0  # handed back after the call
+        admin.client_kill_filter(_type="normal", skipme=True)  # Redis drops the publisher's connection
+        second = bus.publish_sync("user.created", {"a": 2})  # redis-py's retry: reconnect, send again
+        assert len(pool._in_use_connections) == 0 and len(pool._available_connections) == 1
+        assert {decode_envelope(e, 1 << 20).event_id for e in _raw(admin, bus)} == {first, second}
+
+
+def test_publish_sync_loads_a_lost_script_again(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus("noscript", url=url)
+        admin = redis.Redis.from_url(url)
+        first = bus.publish_sync("user.created", {"a": 1})
+        admin.script_flush()  # a Redis restarted without its scripts
+        second = bus.publish_sync("user.created", {"a": 2})
+        assert bus.publish_sync("user.created", {"a": 2}, event_id=second) == second  # still stored once
+        assert {decode_envelope(e, 1 << 20).event_id for e in _raw(admin, bus)} == {first, second}
+
+
+def _raw(client: redis.Redis, bus: EventBus) -> list[bytes]:
+    return [fields[b"e"] for _, fields in client.xrange(bus.keys.stream)]
