@@ -16,19 +16,30 @@ call only. A connection that breaks fails every call of that round trip, each of
 or may not be stored (the caller raises ``PublishOutcomeUnknown`` with its own event_id). A
 call that finds nothing under way is sent at once, by its own coroutine: coalescing adds no
 wait, no task and no extra round trip to a lone publish.
+
+Calls made on one turn of the loop (``asyncio.gather`` of many publishes) do not all wait for
+the turn to end: every :data:`EARLY_SEND_EVENTS` queued calls are written to Redis by the
+call that completes them, and a task reads their reply, so Redis stores those while the
+loop's other calls are still building their envelopes. On a plain ``redis.asyncio.Redis``
+the coalescer writes on a connection of the client's pool itself: redis-py's own write
+(``send_packed_command``) runs in a task of its own whenever the client has a socket
+timeout, which redis-py 8 sets by default, so it would wait for the turn to end. A
+connection error on that path sends the calls again through the client (its ``Retry``; the
+script stores an event once), so they fail only if that fails too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 import redis.asyncio
 
-__all__ = ["MAX_CALL_BYTES", "MAX_CALL_EVENTS", "Coalescer", "Publish", "script_args"]
+__all__ = ["EARLY_SEND_EVENTS", "MAX_CALL_BYTES", "MAX_CALL_EVENTS", "Coalescer", "Publish", "script_args"]
 
 #: One event to store: ``(dedup key, envelope JSON, channel)``.
 Publish = tuple[str, str, str]
@@ -37,6 +48,14 @@ Publish = tuple[str, str, str]
 # in one pipeline, still one round trip), so that no single run holds Redis for long.
 MAX_CALL_EVENTS = 128
 MAX_CALL_BYTES = 1 << 20
+#: Queued calls are written by the call that makes them this many, not on the loop's next turn.
+EARLY_SEND_EVENTS = 32
+# Over this many bytes waiting in a connection's write buffer, a write waits for Redis to read.
+_WRITE_BUFFER_LIMIT = 1 << 16
+# What the client's Retry would retry: on the direct path, a reason to send again through it.
+_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, socket.timeout, OSError)
+
+Batch = list[tuple[Publish, "asyncio.Future[Any]"]]
 
 
 def script_args(sha: str, stream: str, window: int, calls: Sequence[Publish]) -> list[Any]:
@@ -65,7 +84,8 @@ class Coalescer:
     A call that finds nothing under way sends its event at once, by itself. Calls made while
     something is under way queue, and a task sends them together on the loop's next turn
     (so the calls made in one turn go in one round trip), then what queued during that round
-    trip in the next one, and so on.
+    trip in the next one, and so on. Every :data:`EARLY_SEND_EVENTS` calls queued on one
+    turn are written at once by the call that completes them.
     """
 
     def __init__(self, client: redis.asyncio.Redis, script: str, stream: str, window: int) -> None:
@@ -74,9 +94,13 @@ class Coalescer:
         self.sha = hashlib.sha1(script.encode()).hexdigest()
         self.stream = stream
         self.window = window
-        self._pending: list[tuple[Publish, asyncio.Future[Any]]] = []
+        self._pending: Batch = []
         self._alone = False  # a call sent by itself is under way
         self._flushing: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
+        self._early: set[asyncio.Task[None]] = set()  # reading the replies of batches written early
+        # Writes on a connection of the pool itself: not with a cluster client (a pool per
+        # node) or a client that holds one connection of its own.
+        self._direct = type(client) is redis.asyncio.Redis and client.connection is None
 
     async def publish(self, call: Publish) -> Any:
         """Store one event; return its stream id (or the id it was stored under before).
@@ -84,7 +108,7 @@ class Coalescer:
         Raises:
             redis.RedisError: this call's own error, or the round trip's connection error.
         """
-        if not self._alone and self._flushing is None:  # nothing under way: sent at once, by this call
+        if not self._alone and self._flushing is None and not self._early:  # nothing under way: sent at once
             self._alone = True
             try:
                 reply = (await self._round_trip([call]))[0]
@@ -97,6 +121,9 @@ class Coalescer:
         self._pending.append((call, future))
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        elif len(self._pending) >= EARLY_SEND_EVENTS and self._direct:
+            batch, self._pending = self._pending, []
+            await self._send_early(batch)
         return await future
 
     async def _flush(self) -> None:
@@ -108,43 +135,103 @@ class Coalescer:
             self._flushing = None
             # Only if this task was cancelled (the loop closing): nothing of these was sent.
             batch, self._pending = self._pending, []
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(redis.ConnectionError("publishing stopped: its task was cancelled"))
+            _fail(batch, redis.ConnectionError("publishing stopped: its task was cancelled"))
 
-    async def _send(self, batch: list[tuple[Publish, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: Batch) -> None:
+        await self._settle(batch, self._round_trip([call for call, _ in batch]))
+
+    async def _send_early(self, batch: Batch) -> None:
+        """Write ``batch`` now and leave its reply to a task.
+
+        Getting a connection and writing on it do not wait (a connected client, room in the
+        socket buffer), so the write happens on this turn of the loop.
+        """
+        chunks, commands = self._commands([call for call, _ in batch])
         try:
-            replies = await self._round_trip([call for call, _ in batch])
-        except BaseException as exc:  # the connection broke (or the flush was cancelled): all of them
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else redis.ConnectionError(str(exc)))
+            conn = await self._write(commands)
+        except BaseException:  # this call was cancelled: nothing of the batch was sent
+            _fail(batch, redis.ConnectionError("publishing stopped: the call sending its batch was cancelled"))
+            raise
+        task = asyncio.get_running_loop().create_task(self._settle(batch, self._replies(chunks, commands, conn)))
+        self._early.add(task)
+        task.add_done_callback(self._early.discard)
+
+    @staticmethod
+    async def _settle(batch: Batch, replies: Any) -> None:
+        """Await ``replies`` (a coroutine) and give each call of ``batch`` its own outcome."""
+        try:
+            outcomes = await replies
+        except BaseException as exc:  # the connection broke (or the task was cancelled): all of them
+            _fail(batch, exc if isinstance(exc, Exception) else redis.ConnectionError(str(exc)))
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its caller was cancelled
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
             else:
-                future.set_result(reply)
+                future.set_result(outcome)
 
     async def _round_trip(self, calls: list[Publish]) -> list[Any]:
         """Store ``calls`` in one round trip: each one's reply, in order, an id or its own
-        ``ResponseError``. A lost script is loaded again and the runs it failed sent again.
+        ``ResponseError``.
 
         Raises:
             redis.RedisError: a connection error, which leaves every call's outcome unknown.
         """
+        chunks, commands = self._commands(calls)
+        return await self._replies(chunks, commands, await self._write(commands))
+
+    def _commands(self, calls: list[Publish]) -> tuple[list[Sequence[Publish]], list[list[Any]]]:
+        """The script runs that store ``calls``: ``(chunks, EVALSHA arguments of each)``."""
         if len(calls) == 1:  # a call alone: its run is one EVALSHA, with nothing to cut
-            chunks: list[Sequence[Publish]] = [calls]
             dedup, envelope, channel = calls[0]
-            commands = [[self.sha, 2, self.stream, dedup, self.window, f"{envelope}\n{channel}"]]
-        else:
-            chunks = _chunks(calls)
-            commands = [script_args(self.sha, self.stream, self.window, chunk) for chunk in chunks]
-        results = await self._execute(commands)
+            return [calls], [[self.sha, 2, self.stream, dedup, self.window, f"{envelope}\n{channel}"]]
+        chunks = _chunks(calls)
+        return chunks, [script_args(self.sha, self.stream, self.window, chunk) for chunk in chunks]
+
+    async def _write(self, commands: list[list[Any]]) -> Any:
+        """Write the EVALSHA ``commands`` on a connection of the pool; the connection, or None
+        where they are to go through the client instead (a cluster, or a connection error)."""
+        if not self._direct:
+            return None
+        pool: Any = self.client.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except _RETRYABLE:
+            return None
+        try:
+            writer = getattr(conn, "_writer", None)
+            if writer is None:  # another connection class: its own (possibly waiting) write
+                await conn.send_packed_command(_pack(commands))
+            else:
+                writer.writelines(_pack(commands))
+                if writer.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
+                    await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+        except _RETRYABLE:  # asyncio.TimeoutError is TimeoutError, an OSError
+            await conn.disconnect(nowait=True)
+            await pool.release(conn)
+            return None
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            await pool.release(conn)
+            raise
+        return conn
+
+    async def _replies(self, chunks: list[Sequence[Publish]], commands: list[list[Any]], conn: Any) -> list[Any]:
+        """Each call's reply: read from ``conn`` (commands written by :meth:`_write`), or, with no
+        connection or a broken one, from the commands sent again through the client. A lost
+        script is loaded again and the runs it failed sent again."""
+        results: list[Any] | None = None
+        if conn is not None:
+            try:
+                results = await self._read(conn, len(commands))
+            except _RETRYABLE:  # the connection broke (it is closed): sent again below
+                results = None
+        if results is None:
+            results = await self._execute(commands)
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
             await self.client.script_load(self.script)  # a new or flushed Redis: load it once
             missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
@@ -158,8 +245,28 @@ class Coalescer:
                 replies.extend(result)
         return replies
 
+    async def _read(self, conn: Any, count: int) -> list[Any]:
+        """The replies of ``count`` commands written on ``conn``, which goes back to the pool.
+
+        A refused run's reply is its error.
+        """
+        results: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    results.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # that run's own error, not the connection's
+                    results.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self.client.connection_pool.release(conn)
+        return results
+
     async def _execute(self, commands: list[list[Any]]) -> list[Any]:
-        """Run the EVALSHA ``commands`` in one round trip; a refused one's reply is its error."""
+        """Run the EVALSHA ``commands`` in one round trip through the client (and its retry);
+        a refused one's reply is its error."""
         if len(commands) == 1:
             try:
                 return [await self.client.evalsha(*commands[0])]  # type: ignore[misc]
@@ -169,3 +276,23 @@ class Coalescer:
         for command in commands:
             pipe.evalsha(*command)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _pack(commands: list[list[Any]]) -> list[bytes]:
+    """EVALSHA ``commands`` in Redis's protocol (what ``pack_commands`` makes, a third of its cost).
+
+    The arguments are the script's SHA, key names, envelopes (UTF-8 JSON) and integers.
+    """
+    packed = []
+    for command in commands:
+        args = [a.encode() if type(a) is str else str(a).encode() for a in command]
+        packed.append(
+            b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(args) + 1) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        )
+    return packed
+
+
+def _fail(batch: Batch, exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
