@@ -140,6 +140,6 @@ class LuaScript:
 
     def __call__(self, client: Any, keys: list[str], *args: Any) -> Any:
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return send_one(client, "EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:  # a new or flushed Redis (EVAL caches it there)
             return client.eval(self.text, len(keys), *keys, *args)
