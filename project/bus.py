@@ -393,7 +393,8 @@ class EventBus:
         return coalescer, dedup_prefix
 
     async def aclose(self) -> None:
-        """Close the Redis client :meth:`publish` made for the running event loop.
+        """Close the Redis client :meth:`publish` made for the running event loop, once the
+        publishes under way have their outcome.
 
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
@@ -401,9 +402,12 @@ class EventBus:
         coalescer = self._async_clients.pop(loop, None)
         self._last_coalescer = _NO_COALESCER
         if coalescer is not None:
+            await coalescer.wait()
             await coalescer.client.aclose()
         per_scope = self._scope_coalescers.pop(loop, None)
         if per_scope:
+            for scoped in per_scope.values():
+                await scoped.wait()
             await next(iter(per_scope.values())).client.aclose()
 
     def close(self) -> None:

@@ -123,8 +123,13 @@ class Coalescer:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
         elif len(self._pending) >= EARLY_SEND_EVENTS and self._direct:
             batch, self._pending = self._pending, []
-            await self._send_early(batch)
+            await self._send_early(batch, future)
         return await future
+
+    async def wait(self) -> None:
+        """Wait until every publish under way has its outcome (before the client is closed)."""
+        while under_way := [task for task in (self._flushing, *self._early) if task is not None]:
+            await asyncio.gather(*under_way, return_exceptions=True)
 
     async def _flush(self) -> None:
         try:
@@ -140,21 +145,33 @@ class Coalescer:
     async def _send(self, batch: Batch) -> None:
         await self._settle(batch, self._round_trip([call for call, _ in batch]))
 
-    async def _send_early(self, batch: Batch) -> None:
-        """Write ``batch`` now and leave its reply to a task.
+    async def _send_early(self, batch: Batch, own: asyncio.Future[Any]) -> None:
+        """Write ``batch`` (which ends with this call's ``own``) now; a task reads the reply.
 
         Getting a connection and writing on it do not wait (a connected client, room in the
-        socket buffer), so the write happens on this turn of the loop.
+        socket buffer), so the write happens on this turn of the loop. If this call is
+        cancelled while they wait (a new connection), the other calls go the usual way.
         """
         chunks, commands = self._commands([call for call, _ in batch])
         try:
             conn = await self._write(commands)
-        except BaseException:  # this call was cancelled: nothing of the batch was sent
-            _fail(batch, redis.ConnectionError("publishing stopped: the call sending its batch was cancelled"))
+        except Exception as exc:  # no connection to be had (Redis down, a refused password): all of them
+            _fail(batch, exc)
+            return
+        except BaseException:  # this call was cancelled (sending the rest again is safe: dedup keys)
+            self._pending[:0] = [item for item in batch if item[1] is not own]
+            if self._flushing is None and self._pending:
+                self._flushing = asyncio.get_running_loop().create_task(self._flush())
             raise
         task = asyncio.get_running_loop().create_task(self._settle(batch, self._replies(chunks, commands, conn)))
         self._early.add(task)
-        task.add_done_callback(self._early.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._early.discard(task)
+            if task.cancelled():  # possibly before it started (the loop closing): it settled nothing
+                _fail(batch, redis.ConnectionError("publishing stopped: its task was cancelled"))
+
+        task.add_done_callback(done)
 
     @staticmethod
     async def _settle(batch: Batch, replies: Any) -> None:
@@ -162,7 +179,7 @@ class Coalescer:
         try:
             outcomes = await replies
         except BaseException as exc:  # the connection broke (or the task was cancelled): all of them
-            _fail(batch, exc if isinstance(exc, Exception) else redis.ConnectionError(str(exc)))
+            _fail(batch, exc if isinstance(exc, Exception) else redis.ConnectionError(f"publishing stopped ({exc!r})"))
             if not isinstance(exc, Exception):
                 raise
             return
@@ -194,29 +211,32 @@ class Coalescer:
 
     async def _write(self, commands: list[list[Any]]) -> Any:
         """Write the EVALSHA ``commands`` on a connection of the pool; the connection, or None
-        where they are to go through the client instead (a cluster, or a connection error)."""
+        where they are to go through the client instead (a cluster client, or a write that
+        failed and may be sent again).
+
+        Raises:
+            redis.RedisError: no connection could be made (nothing was written).
+        """
         if not self._direct:
             return None
         pool: Any = self.client.connection_pool
+        conn = await pool.get_connection()  # connects under the client's Retry already
         try:
-            conn = await pool.get_connection()
-        except _RETRYABLE:
-            return None
-        try:
+            packed = _pack(commands, conn)
             writer = getattr(conn, "_writer", None)
             if writer is None:  # another connection class: its own (possibly waiting) write
-                await conn.send_packed_command(_pack(commands))
+                await conn.send_packed_command(packed)
             else:
-                writer.writelines(_pack(commands))
+                writer.writelines(packed)
                 if writer.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
                     await asyncio.wait_for(writer.drain(), conn.socket_timeout)
         except _RETRYABLE:  # asyncio.TimeoutError is TimeoutError, an OSError
-            await conn.disconnect(nowait=True)
-            await pool.release(conn)
+            await _drop(pool, conn)
+            if not _retries(conn):
+                raise
             return None
         except BaseException:
-            await conn.disconnect(nowait=True)
-            await pool.release(conn)
+            await _drop(pool, conn)
             raise
         return conn
 
@@ -228,7 +248,9 @@ class Coalescer:
         if conn is not None:
             try:
                 results = await self._read(conn, len(commands))
-            except _RETRYABLE:  # the connection broke (it is closed): sent again below
+            except _RETRYABLE:  # the connection broke (it is closed): sent again below, if retries are on
+                if not _retries(conn):
+                    raise
                 results = None
         if results is None:
             results = await self._execute(commands)
@@ -278,11 +300,20 @@ class Coalescer:
         return list(await pipe.execute(raise_on_error=False))
 
 
-def _pack(commands: list[list[Any]]) -> list[bytes]:
-    """EVALSHA ``commands`` in Redis's protocol (what ``pack_commands`` makes, a third of its cost).
+def _pack(commands: list[list[Any]], conn: Any) -> list[bytes]:
+    """EVALSHA ``commands`` in Redis's protocol, as ``conn.pack_commands`` would make them.
 
-    The arguments are the script's SHA, key names, envelopes (UTF-8 JSON) and integers.
+    Their arguments are the script's SHA, key names, envelopes and integers: packed here at a
+    third of redis-py's cost when they are all ``str`` and ``int`` and the client encodes as
+    strict UTF-8 (its default), by redis-py otherwise.
     """
+    encoder = conn.encoder
+    if (
+        encoder.encoding.lower().replace("_", "-") not in ("utf-8", "utf8")
+        or encoder.encoding_errors != "strict"
+        or any(type(a) is not str and type(a) is not int for command in commands for a in command)
+    ):
+        return list(conn.pack_commands([["EVALSHA", *command] for command in commands]))
     packed = []
     for command in commands:
         args = [a.encode() if type(a) is str else str(a).encode() for a in command]
@@ -290,6 +321,20 @@ def _pack(commands: list[list[Any]]) -> list[bytes]:
             b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(args) + 1) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
         )
     return packed
+
+
+async def _drop(pool: Any, conn: Any) -> None:
+    """Close ``conn`` (something of a command may be on it) and hand it back to ``pool``."""
+    try:
+        await conn.disconnect(nowait=True)
+    finally:
+        await pool.release(conn)
+
+
+def _retries(conn: Any) -> bool:
+    """Whether the client's Retry sends a command again after a connection error."""
+    retry = getattr(conn, "retry", None)
+    return retry is not None and retry.get_retries() != 0
 
 
 def _fail(batch: Batch, exc: Exception) -> None:

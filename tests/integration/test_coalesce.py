@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from project.bus import EventBus
-from project.coalesce import EARLY_SEND_EVENTS
+from project.coalesce import EARLY_SEND_EVENTS, Coalescer
 from project.errors import PublishOutcomeUnknown, PublishRefused
 from project.settings import Settings
 from tests.integration.redis_server import redis_server
@@ -19,6 +19,19 @@ from tests.integration.redis_server import redis_server
 
 def _bus(url: str) -> EventBus:
     return EventBus(Settings(redis_url=url, events_prefix=f"co{uuid.uuid4().hex[:8]}", event_contract_modules=[]))
+
+
+def _stored_once(client: redis.Redis, bus: EventBus, ids: list[str]) -> None:
+    """Each of ``ids`` is in the stream exactly once, and its dedup key names that entry."""
+    entries = client.xrange(bus.keys.stream)
+    by_event = {}
+    for entry_id, fields in entries:
+        event_id = json.loads(fields[b"e"])["event_id"]
+        assert event_id not in by_event, f"{event_id} stored twice"
+        by_event[event_id] = entry_id
+    assert set(ids) <= set(by_event)
+    for event_id in ids:
+        assert client.get(bus.keys.published(event_id)) == by_event[event_id]
 
 
 def test_concurrent_publishes_share_round_trips_and_each_is_stored(tmp_path: Path) -> None:
@@ -36,48 +49,100 @@ def test_concurrent_publishes_share_round_trips_and_each_is_stored(tmp_path: Pat
 
         ids = asyncio.run(main())
         runs = client.info("commandstats")["cmdstat_evalsha"]["calls"]
-        entries = client.xrange(bus.keys.stream)
-        assert len(set(ids)) == 200 and len(entries) == 201  # each call's own event, stored once
-        assert sorted(json.loads(f[b"e"])["data"]["n"] for _, f in entries) == list(range(-1, 200))
+        assert client.xlen(bus.keys.stream) == 201
+        _stored_once(client, bus, ids)
         # 200 calls in a handful of script runs: the first alone, then batches of EARLY_SEND_EVENTS
         # written as they fill, then what is left at the end of the turn
         assert 200 // EARLY_SEND_EVENTS <= runs <= 200 // EARLY_SEND_EVENTS + 3, runs
 
 
-def test_a_batch_whose_connection_breaks_after_redis_stored_it_is_sent_again_and_stored_once(
+def test_a_batch_whose_reply_is_lost_fails_its_own_calls_only_and_publishing_them_again_stores_none_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The connection drops after Redis ran a batch's script, before its reply is read: the
-    batch goes again through the client (its retry), and the script's dedup keys hand back
-    the ids of the first run."""
-    real = redis.asyncio.connection.Connection.read_response
-    broken: list[int] = []
+    """The connection fails after Redis ran a batch's script, before its reply arrives. The
+    asyncio client retries nothing by default, so each call of that batch raises
+    PublishOutcomeUnknown with its own event_id, the other batches' calls succeed, and
+    publishing the failed ones again with their ids stores none of them twice."""
+    real = Coalescer._read
+    lost: list[int] = []
 
-    async def read_then_break(self: redis.asyncio.connection.Connection, *args: object, **kwargs: object) -> object:
-        reply = await real(self, *args, **kwargs)  # type: ignore[arg-type]
-        if isinstance(reply, list) and len(reply) >= EARLY_SEND_EVENTS and len(broken) < 2:
-            broken.append(len(reply))
-            await self.disconnect()
+    async def read_then_lose(self: Coalescer, conn: object, count: int) -> list[object]:
+        results = await real(self, conn, count)
+        if sum(len(r) for r in results if isinstance(r, list)) >= EARLY_SEND_EVENTS and len(lost) < 2:
+            lost.append(sum(len(r) for r in results if isinstance(r, list)))
             raise redis.ConnectionError("connection lost while reading the batch's reply")
-        return reply
+        return results
 
-    monkeypatch.setattr(redis.asyncio.connection.Connection, "read_response", read_then_break)
+    monkeypatch.setattr(Coalescer, "_read", read_then_lose)
     with redis_server(tmp_path) as url:
         bus = _bus(url)
         client = redis.Redis.from_url(url)
 
-        async def main() -> list[str]:
+        async def main() -> list[object]:
             try:
                 await bus.publish("load.item.made", {"n": -1})
-                return list(await asyncio.gather(*(bus.publish("load.item.made", {"n": n}) for n in range(100))))
+                calls = [bus.publish("load.item.made", {"n": n}) for n in range(100)]
+                outcomes = list(await asyncio.gather(*calls, return_exceptions=True))
+                again = [
+                    await bus.publish("load.item.made", {"n": -2}, event_id=o.event_id)
+                    for o in outcomes
+                    if isinstance(o, PublishOutcomeUnknown)
+                ]
+                return outcomes + again
             finally:
                 await bus.aclose()
 
-        ids = asyncio.run(main())
-        assert len(broken) == 2  # two batches lost their reply
-        entries = client.xrange(bus.keys.stream)
-        assert len(set(ids)) == 100 and len(entries) == 101  # every call has its id, each event stored once
-        assert sorted(json.loads(f[b"e"])["data"]["n"] for _, f in entries) == list(range(-1, 100))
+        outcomes = asyncio.run(main())
+        first, again = outcomes[:100], outcomes[100:]
+        unknown = [o for o in first if isinstance(o, PublishOutcomeUnknown)]
+        assert len(unknown) == sum(lost) == 2 * EARLY_SEND_EVENTS  # the calls of the two batches, no others
+        assert all(isinstance(o, str) for o in first if not isinstance(o, PublishOutcomeUnknown))
+        assert again == [o.event_id for o in unknown]
+        assert client.xlen(bus.keys.stream) == 101  # stored the first time, not again
+        _stored_once(client, bus, [o if isinstance(o, str) else o.event_id for o in first])  # type: ignore[union-attr]
+
+
+def test_a_call_cancelled_while_connecting_its_batch_leaves_the_others_to_be_sent(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus(url)
+        client = redis.Redis.from_url(url)
+
+        async def main() -> list[object]:
+            try:
+                await bus.publish("load.item.made", {"n": -1})  # one connection, idle in the pool
+                calls = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(50)]
+                # One turn: the first call takes the idle connection; the call that queues the
+                # EARLY_SEND_EVENTS-th needs a new one and waits for it to connect.
+                await asyncio.sleep(0)
+                calls[EARLY_SEND_EVENTS].cancel()
+                return list(await asyncio.gather(*calls, return_exceptions=True))
+            finally:
+                await bus.aclose()
+
+        outcomes = asyncio.run(main())
+        assert isinstance(outcomes[EARLY_SEND_EVENTS], asyncio.CancelledError)
+        ids = [o for i, o in enumerate(outcomes) if i != EARLY_SEND_EVENTS]
+        assert all(isinstance(o, str) for o in ids), ids  # none failed for the cancelled caller
+        assert client.xlen(bus.keys.stream) == 50  # the first and the 49 not cancelled
+        _stored_once(client, bus, ids)  # type: ignore[arg-type]
+
+
+def test_aclose_waits_for_the_publishes_under_way(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus(url)
+        client = redis.Redis.from_url(url)
+
+        async def main() -> list[object]:
+            await bus.publish("load.item.made", {"n": -1})
+            calls = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(100)]
+            await asyncio.sleep(0)  # every call queued or written; none answered yet
+            await bus.aclose()
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        outcomes = asyncio.run(main())
+        assert all(isinstance(o, str) for o in outcomes), outcomes
+        assert client.xlen(bus.keys.stream) == 101
+        _stored_once(client, bus, outcomes)  # type: ignore[arg-type]
 
 
 def test_one_refused_event_fails_only_its_own_call(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from project.bus import EventBus
 from project.context import handling
@@ -157,6 +159,45 @@ def test_publish_sync_reconnects_after_redis_closed_its_connection_and_reuses_on
         second = bus.publish_sync("user.created", {"a": 2})  # redis-py's retry: reconnect, send again
         assert len(pool._in_use_connections) == 0 and len(pool._available_connections) == 1
         assert {decode_envelope(e, 1 << 20).event_id for e in _raw(admin, bus)} == {first, second}
+
+
+def test_publish_sync_whose_reply_is_lost_is_never_stored_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection fails after Redis stored the event, before its reply is read. With the
+    client's default Retry (none), publish says the outcome is unknown and publishing again
+    with its event_id stores nothing more; with a client that retries, the Retry sends it
+    again at once and the dedup key hands back the first entry."""
+    real = redis.connection.Connection.read_response
+    lose: list[bool] = []
+
+    def read_then_lose(self: redis.connection.Connection, *args: object, **kwargs: object) -> object:
+        reply = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        if lose:
+            lose.pop()
+            self.disconnect()
+            raise redis.ConnectionError("connection lost while reading the reply")
+        return reply
+
+    monkeypatch.setattr(redis.connection.Connection, "read_response", read_then_lose)
+    with redis_server(tmp_path) as url:
+        bus = _bus("lostreply", url=url)
+        admin = redis.Redis.from_url(url)
+        bus.publish_sync("user.created", {"a": 0})  # connected, script loaded
+        lose.append(True)
+        with pytest.raises(PublishOutcomeUnknown) as caught:
+            bus.publish_sync("user.created", {"a": 1})
+        event_id = caught.value.event_id
+        assert bus.publish_sync("user.created", {"a": 1}, event_id=event_id) == event_id
+        bus._sync_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+        lose.append(True)
+        retried = bus.publish_sync("user.created", {"a": 2})
+        assert not lose  # the reply was lost, and the Retry sent it again
+        entries = admin.xrange(bus.keys.stream)
+        assert len(entries) == 3
+        for (entry_id, fields), expected in zip(entries[1:], (event_id, retried), strict=True):
+            assert decode_envelope(fields[b"e"], 1 << 20).event_id == expected
+            assert admin.get(bus.keys.published(expected)) == entry_id
 
 
 def test_publish_sync_loads_a_lost_script_again(tmp_path: Path) -> None:
