@@ -24,8 +24,10 @@ loop's other calls are still building their envelopes. On a plain ``redis.asynci
 the coalescer writes on a connection of the client's pool itself: redis-py's own write
 (``send_packed_command``) runs in a task of its own whenever the client has a socket
 timeout, which redis-py 8 sets by default, so it would wait for the turn to end. A
-connection error on that path sends the calls again through the client (its ``Retry``; the
-script stores an event once), so they fail only if that fails too.
+connection error on that path fails the round trip's calls as one through the client would,
+or, where the client's ``Retry`` allows it, sends them again through the client (the script
+stores an event once). A call cancelled while it writes a batch leaves the batch's other
+calls to be sent the usual way.
 """
 
 from __future__ import annotations
