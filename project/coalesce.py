@@ -100,6 +100,9 @@ class Coalescer:
         self._alone = False  # a call sent by itself is under way
         self._flushing: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
         self._early: set[asyncio.Task[None]] = set()  # reading the replies of batches written early
+        # Round trips a caller runs itself (a call alone; the write of an early batch), each
+        # as a future done when it ends: what wait() waits for besides the tasks.
+        self._in_calls: set[asyncio.Future[None]] = set()
         # Writes on a connection of the pool itself: not with a cluster client (a pool per
         # node) or a client that holds one connection of its own.
         self._direct = type(client) is redis.asyncio.Redis and client.connection is None
@@ -112,10 +115,12 @@ class Coalescer:
         """
         if not self._alone and self._flushing is None and not self._early:  # nothing under way: sent at once
             self._alone = True
+            ending = self._begin()
             try:
                 reply = (await self._round_trip([call]))[0]
             finally:
                 self._alone = False
+                self._end(ending)
             if isinstance(reply, Exception):
                 raise reply
             return reply
@@ -130,8 +135,17 @@ class Coalescer:
 
     async def wait(self) -> None:
         """Wait until every publish under way has its outcome (before the client is closed)."""
-        while under_way := [task for task in (self._flushing, *self._early) if task is not None]:
+        while under_way := [f for f in (self._flushing, *self._early, *self._in_calls) if f is not None]:
             await asyncio.gather(*under_way, return_exceptions=True)
+
+    def _begin(self) -> asyncio.Future[None]:
+        ending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._in_calls.add(ending)
+        return ending
+
+    def _end(self, ending: asyncio.Future[None]) -> None:
+        self._in_calls.discard(ending)
+        ending.set_result(None)
 
     async def _flush(self) -> None:
         try:
@@ -155,18 +169,22 @@ class Coalescer:
         cancelled while they wait (a new connection), the other calls go the usual way.
         """
         chunks, commands = self._commands([call for call, _ in batch])
+        ending = self._begin()
         try:
             conn = await self._write(commands)
         except Exception as exc:  # no connection to be had (Redis down, a refused password): all of them
+            self._end(ending)
             _fail(batch, exc)
             return
         except BaseException:  # this call was cancelled (sending the rest again is safe: dedup keys)
             self._pending[:0] = [item for item in batch if item[1] is not own]
             if self._flushing is None and self._pending:
                 self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            self._end(ending)
             raise
         task = asyncio.get_running_loop().create_task(self._settle(batch, self._replies(chunks, commands, conn)))
         self._early.add(task)
+        self._end(ending)  # after the task is known: wait() never sees neither
 
         def done(task: asyncio.Task[None]) -> None:
             self._early.discard(task)

@@ -127,21 +127,28 @@ def test_a_call_cancelled_while_connecting_its_batch_leaves_the_others_to_be_sen
         _stored_once(client, bus, ids)  # type: ignore[arg-type]
 
 
-def test_aclose_waits_for_the_publishes_under_way(tmp_path: Path) -> None:
+@pytest.mark.parametrize("calls", [1 + EARLY_SEND_EVENTS, 100])
+def test_aclose_waits_for_the_publishes_under_way(tmp_path: Path, calls: int) -> None:
+    """With 1 + EARLY_SEND_EVENTS calls, what is under way when aclose starts is only a call
+    alone and a batch whose caller is still connecting: no task of the coalescer's own."""
     with redis_server(tmp_path) as url:
         bus = _bus(url)
         client = redis.Redis.from_url(url)
 
-        async def main() -> list[object]:
+        async def main() -> tuple[list[object], list[bool]]:
             await bus.publish("load.item.made", {"n": -1})
-            calls = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(100)]
+            pool = bus._coalescer().client.connection_pool
+            futures = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(calls)]
             await asyncio.sleep(0)  # every call queued or written; none answered yet
             await bus.aclose()
-            return list(await asyncio.gather(*calls, return_exceptions=True))
+            # Nothing went on using the client after it was closed: every connection is closed.
+            left = [c.is_connected for c in (*pool._available_connections, *pool._in_use_connections)]
+            return list(await asyncio.gather(*futures, return_exceptions=True)), left
 
-        outcomes = asyncio.run(main())
+        outcomes, left_connected = asyncio.run(main())
+        assert not any(left_connected), left_connected
         assert all(isinstance(o, str) for o in outcomes), outcomes
-        assert client.xlen(bus.keys.stream) == 101
+        assert client.xlen(bus.keys.stream) == calls + 1
         _stored_once(client, bus, outcomes)  # type: ignore[arg-type]
 
 
