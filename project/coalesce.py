@@ -184,7 +184,7 @@ class Coalescer:
             raise
         task = asyncio.get_running_loop().create_task(self._settle(batch, self._replies(chunks, commands, conn)))
         self._early.add(task)
-        self._end(ending)  # after the task is known: wait() never sees neither
+        self._end(ending)  # only once the task is known: wait() always sees one of the two
 
         def done(task: asyncio.Task[None]) -> None:
             self._early.discard(task)
