@@ -399,15 +399,17 @@ class EventBus:
         Call it before the loop ends (``asyncio.run`` closes it), as with any asyncio client.
         """
         loop = asyncio.get_running_loop()
-        coalescer = self._async_clients.pop(loop, None)
+        coalescer = self._async_clients.get(loop)
+        per_scope = self._scope_coalescers.get(loop) or {}
+        for under_way in (coalescer, *per_scope.values()):
+            if under_way is not None:
+                await under_way.wait()  # cancelled here, nothing is closed: a later aclose still can
+        self._async_clients.pop(loop, None)
+        self._scope_coalescers.pop(loop, None)
         self._last_coalescer = _NO_COALESCER
         if coalescer is not None:
-            await coalescer.wait()
             await coalescer.client.aclose()
-        per_scope = self._scope_coalescers.pop(loop, None)
         if per_scope:
-            for scoped in per_scope.values():
-                await scoped.wait()
             await next(iter(per_scope.values())).client.aclose()
 
     def close(self) -> None:

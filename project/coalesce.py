@@ -135,8 +135,9 @@ class Coalescer:
 
     async def wait(self) -> None:
         """Wait until every publish under way has its outcome (before the client is closed)."""
+        # asyncio.wait, not gather: a wait that is cancelled must not cancel the publishes.
         while under_way := [f for f in (self._flushing, *self._early, *self._in_calls) if f is not None]:
-            await asyncio.gather(*under_way, return_exceptions=True)
+            await asyncio.wait(under_way)
 
     def _begin(self) -> asyncio.Future[None]:
         ending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -145,7 +146,8 @@ class Coalescer:
 
     def _end(self, ending: asyncio.Future[None]) -> None:
         self._in_calls.discard(ending)
-        ending.set_result(None)
+        if not ending.done():
+            ending.set_result(None)
 
     async def _flush(self) -> None:
         try:

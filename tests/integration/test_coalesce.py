@@ -152,6 +152,28 @@ def test_aclose_waits_for_the_publishes_under_way(tmp_path: Path, calls: int) ->
         _stored_once(client, bus, outcomes)  # type: ignore[arg-type]
 
 
+def test_a_cancelled_aclose_cancels_no_publish(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        bus = _bus(url)
+        client = redis.Redis.from_url(url)
+
+        async def main() -> list[object]:
+            await bus.publish("load.item.made", {"n": -1})
+            futures = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(100)]
+            await asyncio.sleep(0)  # every call queued or written; none answered yet
+            closing = asyncio.ensure_future(bus.aclose())
+            await asyncio.sleep(0)  # aclose is waiting for them
+            closing.cancel()
+            outcomes = list(await asyncio.gather(*futures, return_exceptions=True))
+            await bus.aclose()
+            return outcomes
+
+        outcomes = asyncio.run(main())
+        assert all(isinstance(o, str) for o in outcomes), outcomes
+        assert client.xlen(bus.keys.stream) == 101
+        _stored_once(client, bus, outcomes)  # type: ignore[arg-type]
+
+
 def test_one_refused_event_fails_only_its_own_call(tmp_path: Path) -> None:
     with redis_server(tmp_path) as url:
         bus = _bus(url)
