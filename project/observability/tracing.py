@@ -117,28 +117,27 @@ def _attributes_of_send(event_type: str) -> dict[str, Any]:
     return attributes
 
 
-class _PublishSpan:
-    """``start_as_current_span`` of one publish, without its two generator-based context
-    managers: the span is started, made current, and on the way out its exception recorded
-    (as ``use_span`` does), made no longer current and ended."""
+class _CurrentSpan:
+    """A span made current for a ``with`` block, without ``start_as_current_span``'s
+    generator-based context managers: a subclass's ``__enter__`` starts it and calls
+    :meth:`_current`; on the way out an error is recorded (:meth:`_is_error`), and the span
+    is made no longer current and ended."""
 
-    __slots__ = ("_event_type", "_span", "_token")
+    __slots__ = ("_span", "_token")
 
-    def __init__(self, event_type: str) -> None:
-        self._event_type = event_type
+    def __init__(self) -> None:
         self._span: Span | None = None
         self._token: object = None
 
-    def __enter__(self) -> Span | None:
-        if not active():
-            return None
-        assert _real_tracer is not None
-        span = _real_tracer.start_span(
-            f"send {self._event_type}", kind=SpanKind.PRODUCER, attributes=_attributes_of_send(self._event_type)
-        )
+    def _current(self, span: Span) -> Span:
         self._span = span
         self._token = otel_context.attach(trace.set_span_in_context(span))
         return span
+
+    def _is_error(self, exc: BaseException) -> bool:
+        # As use_span: only an Exception is an error; a BaseException (GeneratorExit, a
+        # cancellation) is not.
+        return isinstance(exc, Exception)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -147,14 +146,32 @@ class _PublishSpan:
         if span is None:
             return
         try:
-            # As use_span: only an Exception is an error; a BaseException (GeneratorExit,
-            # a cancellation) is not.
-            if isinstance(exc, Exception) and span.is_recording():
+            if exc is not None and self._is_error(exc) and span.is_recording():
                 span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
         finally:
             otel_context.detach(self._token)  # type: ignore[arg-type]
             span.end()
+
+
+class _PublishSpan(_CurrentSpan):
+    """The PRODUCER span of one publish (:func:`publish_span`)."""
+
+    __slots__ = ("_event_type",)
+
+    def __init__(self, event_type: str) -> None:
+        super().__init__()
+        self._event_type = event_type
+
+    def __enter__(self) -> Span | None:
+        if not active():
+            return None
+        assert _real_tracer is not None
+        return self._current(
+            _real_tracer.start_span(
+                f"send {self._event_type}", kind=SpanKind.PRODUCER, attributes=_attributes_of_send(self._event_type)
+            )
+        )
 
 
 def publish_span(event_type: str) -> _PublishSpan:
@@ -188,18 +205,16 @@ def _attributes_of_process(event_type: str, handler: str, queue: str) -> dict[st
     return attributes
 
 
-class _HandlerSpan:
-    """The handler's span, started, made current and ended without the three generator-based
-    context managers of ``start_as_current_span`` (a few µs of every handler run)."""
+class _HandlerSpan(_CurrentSpan):
+    """The CONSUMER span a handler runs in (:func:`handler_span`)."""
 
-    __slots__ = ("_event", "_handler", "_ignore", "_queue", "_span", "_token")
+    __slots__ = ("_event", "_handler", "_ignore", "_queue")
 
     def __init__(
         self, event: Mapping[str, Any], handler: str, queue: str, ignore: tuple[type[BaseException], ...]
     ) -> None:
+        super().__init__()
         self._event, self._handler, self._queue, self._ignore = event, handler, queue, ignore
-        self._span: Span | None = None
-        self._token: object = None
 
     def __enter__(self) -> Span | None:
         if not active():
@@ -212,32 +227,22 @@ class _HandlerSpan:
         if event.get("correlation_id"):
             attributes["messaging.message.conversation_id"] = str(event["correlation_id"])
         parent, links = _parent(event)
-        span = _real_tracer.start_span(
-            f"process {event_type}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            links=links,
-            record_exception=False,
-            set_status_on_exception=False,
+        return self._current(
+            _real_tracer.start_span(
+                f"process {event_type}",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+                links=links,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
         )
-        self._span = span
-        self._token = otel_context.attach(trace.set_span_in_context(span))
-        return span
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        span = self._span
-        if span is None:
-            return
-        try:
-            if exc is not None and not isinstance(exc, self._ignore):
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
-        finally:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            span.end()
+    def _is_error(self, exc: BaseException) -> bool:
+        # Any exception but control flow (a copy skipped), a BaseException included: a
+        # handler cut short by a time limit or a lost worker failed.
+        return not isinstance(exc, self._ignore)
 
 
 def handler_span(
