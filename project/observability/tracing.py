@@ -17,6 +17,7 @@ see :mod:`.otel_sdk`) every call returns after one check and envelopes carry no 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -98,23 +99,17 @@ def trace_fields(span_context: SpanContext | None = None) -> dict[str, str]:
     return fields
 
 
-# The attributes every publish span of one event type starts with (the event id is added
-# once known): built once per event type, not on every publish.
-_send_attributes: dict[str, dict[str, Any]] = {}
-
-
+# The attributes every span of one kind starts with are built once per event type (and
+# handler), not on every publish or run; shared, so never changed (the SDK copies them).
+@functools.lru_cache(maxsize=10_000)
 def _attributes_of_send(event_type: str) -> dict[str, Any]:
-    attributes = _send_attributes.get(event_type)
-    if attributes is None:
-        attributes = {
-            "messaging.system": MESSAGING_SYSTEM,
-            "messaging.destination.name": event_type,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "publish",
-        }
-        if len(_send_attributes) < 10_000:  # event types are the application's, but bound it anyway
-            _send_attributes[event_type] = attributes
-    return attributes
+    """A publish span's, before the event id is known."""
+    return {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.destination.name": event_type,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+    }
 
 
 class _CurrentSpan:
@@ -183,26 +178,17 @@ def publish_span(event_type: str) -> _PublishSpan:
     return _PublishSpan(event_type)
 
 
-# The attributes every handler span of one (event type, handler, queue) starts with; the
-# event's own (its id, its conversation) are added to a copy.
-_process_attributes: dict[tuple[str, str, str], dict[str, Any]] = {}
-
-
+@functools.lru_cache(maxsize=10_000)
 def _attributes_of_process(event_type: str, handler: str, queue: str) -> dict[str, Any]:
-    key = (event_type, handler, queue)
-    attributes = _process_attributes.get(key)
-    if attributes is None:
-        attributes = {
-            "messaging.system": MESSAGING_SYSTEM,
-            "messaging.destination.name": event_type,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "handle",
-            "messaging.destination.subscription.name": handler,
-            "messaging.consumer.group.name": queue,
-        }
-        if len(_process_attributes) < 10_000:
-            _process_attributes[key] = attributes
-    return attributes
+    """A handler span's, before the event's own (its id, its conversation) go into a copy."""
+    return {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.destination.name": event_type,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "handle",
+        "messaging.destination.subscription.name": handler,
+        "messaging.consumer.group.name": queue,
+    }
 
 
 class _HandlerSpan(_CurrentSpan):
