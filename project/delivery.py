@@ -8,7 +8,8 @@ explicit ids on every path, hard time limits included:
 - ``before_start``: skip a delivery that is done or dead; defer a copy whose lease another
   process holds (sent again for when the lease lapses, never run in parallel); count the
   attempt; give up on one that used all its attempts (a process killed each time).
-- ``on_success``: mark it done, so every later copy is skipped, and release the lease.
+- ``on_success``: record it succeeded and mark it done, so every later copy is skipped
+  (its lease is left to lapse: no copy looks at it once the delivery is done).
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
   with the same task id), or after the last attempt mark it dead and publish
   ``module.error``. Data that its handler's contract refuses (``ContractViolation``) is
@@ -68,7 +69,8 @@ class ModuleError(BaseModel):
     error: str = Field(max_length=2000, description="The last error, as repr().")
 
 
-# KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s. A redriven
+# KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s (the done
+# ttl plus the hard time limit: the done script leaves the TTL as it is). A redriven
 # delivery (project.operations) carries its own limit in 'budget': its attempts so far plus
 # a fresh max attempts, so attempts keep counting up across redrives.
 _START_LUA = """
@@ -93,25 +95,37 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
 """
 
-# Marks the delivery done, releases its lease and records it succeeded, in one round trip
-# (the record used to be a script of its own, run by the task_success receiver).
-# KEYS: delivery hash, lease, log buffer, shed counters. ARGV: token ('' if not ours to
-# release), state ttl s, event_id ('': nothing to record), handler, at, log buffer bound,
-# full policy, attempts ('': read from the hash). An outbox left by an earlier copy is emptied.
+# Records the delivery succeeded and marks it done, in one round trip. The lease is not
+# released: a done delivery is skipped before its lease is looked at, and the keeper no
+# longer renews it, so it lapses within DELIVERY_LEASE_S (a GET and a DEL less per run).
+# The hash keeps the TTL the start script gave it, which outlasts the run (state ttl plus
+# the hard time limit); only a hash that lapsed meanwhile (HSET made both fields) gets one.
+# The record goes first, so a log buffer of the wrong type fails the script before it writes.
+# KEYS: delivery hash, log buffer, shed counters. ARGV: state ttl s, event_id ('': nothing
+# to record), handler, at, log buffer bound, full policy, attempts ('': read from the hash),
+# read the log buffer's length ('1') or take it as under the bound ('0': this process read
+# it under half the bound less than a second ago). An outbox left by an earlier copy is
+# emptied. Returns the log buffer's length if it was read (after the record), else -1.
 _DONE_LUA = """
-redis.call('HSET', KEYS[1], 'state', 'done', 'outbox', '')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-if ARGV[3] == '' then return 0 end
-if ARGV[7] == 'shed' and redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then
-  redis.call('HINCRBY', KEYS[4], 'd', 1)
-  return 0
+local len = -1
+if ARGV[2] ~= '' then
+  local shed = false
+  if ARGV[8] == '1' then
+    len = redis.call('XLEN', KEYS[2])
+    shed = ARGV[6] == 'shed' and len >= tonumber(ARGV[5])
+  end
+  if shed then
+    redis.call('HINCRBY', KEYS[3], 'd', 1)
+  else
+    local a = tonumber(ARGV[7])
+    if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') end
+    local record = {'d', tonumber(ARGV[4]), ARGV[2], ARGV[3], 'succeeded', a, cjson.null}
+    redis.call('XADD', KEYS[2], '*', 'r', cjson.encode(record))
+    if len >= 0 then len = len + 1 end
+  end
 end
-local a = tonumber(ARGV[8])
-if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') end
-local record = {'d', tonumber(ARGV[5]), ARGV[3], ARGV[4], 'succeeded', a, cjson.null}
-redis.call('XADD', KEYS[3], '*', 'r', cjson.encode(record))
-return 1
+if redis.call('HSET', KEYS[1], 'state', 'done', 'outbox', '') == 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return len
 """
 
 # KEYS: delivery hash, lease. ARGV: token ('' if unknown: a hard time limit, in the worker's
@@ -142,6 +156,35 @@ return {st, a}
 _START, _DONE, _FAIL = LuaScript(_START_LUA), LuaScript(_DONE_LUA), LuaScript(_FAIL_LUA)
 
 _HOST = socket.gethostname()
+
+
+class _BufferLengths:
+    """When this process next reads a log buffer's length before appending a success record.
+
+    The bound (``LOG_BUFFER_MAX_RECORDS``) needs the length only near it. A buffer found at
+    least :attr:`HEADROOM` records under its bound is not read again for :attr:`EVERY_S`;
+    closer to it, it is read before every record. The bound then holds unless more than
+    ``HEADROOM`` records are written within that second, and a run costs one command (XLEN)
+    less. A bound under ``HEADROOM`` is read every time.
+    """
+
+    EVERY_S = 1.0
+    HEADROOM = 100_000
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}  # log buffer key -> time.monotonic() of its next read
+
+    def due(self, key: str) -> bool:
+        """Whether the next record to ``key`` reads its length first."""
+        return time.monotonic() >= self._next.get(key, 0.0)
+
+    def read(self, key: str, length: int, bound: int) -> None:
+        """Note what a record found: ``key`` held ``length`` records after it."""
+        far = 0 <= length <= bound - self.HEADROOM
+        self._next[key] = time.monotonic() + self.EVERY_S if far else 0.0
+
+
+_buffer_lengths = _BufferLengths()
 _loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -228,8 +271,10 @@ class DeliveryTask(Task):  # type: ignore[misc]
         s = self.bus.settings
         client, keys = self._scripts_args(task_id, args)
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
+        # The run ends within its hard time limit, and its done mark must live the done ttl after.
+        ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
         try:
-            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, s.delivery_done_ttl_s)
+            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s)
         except redis.RedisError as exc:
             # Put the message back rather than run without a lease or lose it.
             log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)
@@ -287,22 +332,25 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         s, keys = self.bus.settings, self._scope_keys(args)
-        lease = keys.lease(task_id)
-        token = keeper.release(lease) or ""
+        keeper.release(keys.lease(task_id))  # left to lapse: the done mark makes every copy skip
         attempt_of, attempts = self._attempts
         event = args[0] if args and isinstance(args[0], dict) else {}
-        _DONE(
+        event_id = str(event.get("event_id") or "")
+        read = event_id != "" and s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)
+        length = _DONE(
             self.bus.sync_client(),
-            [keys.delivery(task_id), lease, keys.log_buffer, keys.log_shed],
-            token,
+            [keys.delivery(task_id), keys.log_buffer, keys.log_shed],
             s.delivery_done_ttl_s,
-            str(event.get("event_id") or ""),
+            event_id,
             self.name,
             f"{time.time():.6f}",
             s.log_buffer_max_records,
             s.log_buffer_full_policy,
             attempts if attempt_of == task_id else "",
+            "1" if read else "0",
         )
+        if read:
+            _buffer_lengths.read(keys.log_buffer, int(length), s.log_buffer_max_records)
         duplicate = retval == "duplicate"
         metrics.record_delivery(self.name, "skipped" if duplicate else "succeeded")
 

@@ -151,6 +151,17 @@ def test_task_arriving_again_after_success_is_skipped(stack: Stack) -> None:
 
     send()
     wait_for(lambda: stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}, what="first run")
-    send()
+    keys = stack.bus().keys
+    wait_for(lambda: _state(stack, keys.delivery(task_id)) == b"done", what="the done mark")
+    # The mark outlives the run by the done ttl: the start script gave the hash that plus the
+    # hard time limit, and the done script left it.
+    ttl, done_ttl = stack.redis.ttl(keys.delivery(task_id)), stack.settings.delivery_done_ttl_s
+    assert done_ttl < ttl <= done_ttl + stack.settings.delivery_time_limit_s
+    send()  # at once: the finished run's lease has not lapsed yet, and does not matter
     wait_for(lambda: "this copy is skipped" in stack.log("worker"), what="the copy to be skipped")
+    assert "another copy holds the lease" not in stack.log("worker")  # skipped, not deferred
     assert stack.runs() == {f"{envelope['event_id']}:on_birth_data": 1}
+
+
+def _state(stack: Stack, delivery_key: str) -> bytes | None:
+    return stack.redis.hget(delivery_key, "state")  # type: ignore[return-value]

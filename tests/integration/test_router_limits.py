@@ -352,6 +352,28 @@ def test_a_full_log_buffer_sheds_event_records_but_dispatch_goes_on(stack: Stack
     assert int(client.hget(keys.log_shed, "e") or 0) + limit == events
 
 
+def test_a_full_log_buffer_sheds_delivery_records_but_the_handlers_run(stack: Stack) -> None:
+    """The workers' success records stop exactly at the bound, as the router's do."""
+    client, keys = stack.redis, stack.bus().keys
+    # 25 event records, then 35 of the 50 success records: the buffer starts under half the
+    # bound, where a worker reading its length once a second would overshoot it.
+    limit, events = 60, 25
+    stack.start_router("router", "--no-log-writer", LOG_BUFFER_MAX_RECORDS=str(limit))  # nothing drains it
+    for _ in range(events):
+        _add(client, keys, _envelope("bulk.item.made"))
+    wait_for(lambda: client.xlen(keys.log_buffer) == events, what="every event record buffered")
+
+    stack.start_worker(queues="beta,gamma", LOG_BUFFER_MAX_RECORDS=str(limit))
+    runs = stack.wait_runs(2 * events)
+    assert len(runs) == 2 * events and set(runs.values()) == {1}
+    wait_for(lambda: int(client.hget(keys.log_shed, "d") or 0) == 2 * events - (limit - events),
+             what="the records past the bound shed and counted")  # fmt: skip
+    assert client.xlen(keys.log_buffer) == limit  # never over the bound
+    assert client.hget(keys.log_shed, "e") is None
+    records = [json.loads(fields[b"r"]) for _, fields in client.xrange(keys.log_buffer)]
+    assert sum(1 for r in records if r[0] == "d" and r[4] == "succeeded") == limit - events
+
+
 def test_log_buffer_bytes_per_event(stack: Stack) -> None:
     """Measure what the router's record of one event costs the log buffer (README, "Reliability")."""
     client, keys = stack.redis, stack.bus().keys
