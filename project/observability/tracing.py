@@ -112,17 +112,21 @@ def _attributes_of_send(event_type: str) -> dict[str, Any]:
     }
 
 
-class _CurrentSpan:
-    """A span made current for a ``with`` block, without ``start_as_current_span``'s
-    generator-based context managers: a subclass's ``__enter__`` starts it and calls
-    :meth:`_current`; on the way out an error is recorded (:meth:`_is_error`), and the span
-    is made no longer current and ended."""
+class _SpanBlock:
+    """A span for a ``with`` block, without ``start_as_current_span``'s generator-based
+    context managers: a subclass's ``__enter__`` starts it and calls :meth:`_held`, or
+    :meth:`_current` to also make it the current span; on the way out an error is recorded
+    (:meth:`_is_error`), the span is made no longer current if it was, and ended."""
 
     __slots__ = ("_span", "_token")
 
     def __init__(self) -> None:
         self._span: Span | None = None
         self._token: object = None
+
+    def _held(self, span: Span) -> Span:
+        self._span = span
+        return span
 
     def _current(self, span: Span) -> Span:
         self._span = span
@@ -145,12 +149,19 @@ class _CurrentSpan:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
         finally:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
+            if self._token is not None:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
             span.end()
 
 
-class _PublishSpan(_CurrentSpan):
-    """The PRODUCER span of one publish (:func:`publish_span`)."""
+class _PublishSpan(_SpanBlock):
+    """The PRODUCER span of one publish (:func:`publish_span`).
+
+    Not made current: nothing inside a publish makes spans of its own (its one Redis command
+    goes out below redis-py's instrumented ``execute_command``), the envelope takes the
+    span's context directly, and making it current cost about 9 µs a publish, a fifth of
+    what tracing costs one.
+    """
 
     __slots__ = ("_event_type",)
 
@@ -162,7 +173,7 @@ class _PublishSpan(_CurrentSpan):
         if not active():
             return None
         assert _real_tracer is not None
-        return self._current(
+        return self._held(
             _real_tracer.start_span(
                 f"send {self._event_type}", kind=SpanKind.PRODUCER, attributes=_attributes_of_send(self._event_type)
             )
@@ -172,8 +183,8 @@ class _PublishSpan(_CurrentSpan):
 def publish_span(event_type: str) -> _PublishSpan:
     """The PRODUCER span of one publish (None when tracing is off); the caller adds the id.
 
-    ``with publish_span(event_type) as span:`` makes the span current, so that the envelope
-    records its trace context (:func:`trace_fields`) and what runs inside nests in it.
+    ``with publish_span(event_type) as span:`` starts it, without making it current: the
+    caller writes its context into the envelope (``trace_fields(span.get_span_context())``).
     """
     return _PublishSpan(event_type)
 
@@ -191,7 +202,7 @@ def _attributes_of_process(event_type: str, handler: str, queue: str) -> dict[st
     }
 
 
-class _HandlerSpan(_CurrentSpan):
+class _HandlerSpan(_SpanBlock):
     """The CONSUMER span a handler runs in (:func:`handler_span`)."""
 
     __slots__ = ("_event", "_handler", "_ignore", "_queue")
