@@ -47,6 +47,7 @@ from project.keys import Keys
 from project.lease import keeper, new_token
 from project.observability import metrics
 from project.observability.tracing import handler_span
+from project.records import BufferLengths
 from project.redis_conn import LuaScript
 from project.registry import Subscription
 
@@ -95,36 +96,35 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
 """
 
-# Records the delivery succeeded and marks it done, in one round trip. The lease is not
+# Marks the delivery done and records it succeeded, in one round trip. The lease is not
 # released: a done delivery is skipped before its lease is looked at, and the keeper no
 # longer renews it, so it lapses within DELIVERY_LEASE_S (a GET and a DEL less per run).
 # The hash keeps the TTL the start script gave it, which outlasts the run (state ttl plus
 # the hard time limit); only a hash that lapsed meanwhile (HSET made both fields) gets one.
-# The record goes first, so a log buffer of the wrong type fails the script before it writes.
+# The mark goes first: a record Redis refuses (a log buffer of the wrong type) must not cost
+# the mark that keeps every later copy from running the handler again.
 # KEYS: delivery hash, log buffer, shed counters. ARGV: state ttl s, event_id ('': nothing
 # to record), handler, at, log buffer bound, full policy, attempts ('': read from the hash),
-# read the log buffer's length ('1') or take it as under the bound ('0': this process read
-# it under half the bound less than a second ago). An outbox left by an earlier copy is
-# emptied. Returns the log buffer's length if it was read (after the record), else -1.
+# read the log buffer's length ('1') or take it as under the bound ('0': see
+# project.records.BufferLengths). An outbox left by an earlier copy is emptied. Returns the
+# log buffer's length if it was read (after the record), else -1.
 _DONE_LUA = """
-local len = -1
-if ARGV[2] ~= '' then
-  local shed = false
-  if ARGV[8] == '1' then
-    len = redis.call('XLEN', KEYS[2])
-    shed = ARGV[6] == 'shed' and len >= tonumber(ARGV[5])
-  end
-  if shed then
-    redis.call('HINCRBY', KEYS[3], 'd', 1)
-  else
-    local a = tonumber(ARGV[7])
-    if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') end
-    local record = {'d', tonumber(ARGV[4]), ARGV[2], ARGV[3], 'succeeded', a, cjson.null}
-    redis.call('XADD', KEYS[2], '*', 'r', cjson.encode(record))
-    if len >= 0 then len = len + 1 end
-  end
-end
 if redis.call('HSET', KEYS[1], 'state', 'done', 'outbox', '') == 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if ARGV[2] == '' then return -1 end
+local len, shed = -1, false
+if ARGV[8] == '1' then
+  len = redis.call('XLEN', KEYS[2])
+  shed = ARGV[6] == 'shed' and len >= tonumber(ARGV[5])
+end
+if shed then
+  redis.call('HINCRBY', KEYS[3], 'd', 1)
+  return len
+end
+local a = tonumber(ARGV[7])
+if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') end
+local record = {'d', tonumber(ARGV[4]), ARGV[2], ARGV[3], 'succeeded', a, cjson.null}
+redis.call('XADD', KEYS[2], '*', 'r', cjson.encode(record))
+if len >= 0 then len = len + 1 end
 return len
 """
 
@@ -158,33 +158,7 @@ _START, _DONE, _FAIL = LuaScript(_START_LUA), LuaScript(_DONE_LUA), LuaScript(_F
 _HOST = socket.gethostname()
 
 
-class _BufferLengths:
-    """When this process next reads a log buffer's length before appending a success record.
-
-    The bound (``LOG_BUFFER_MAX_RECORDS``) needs the length only near it. A buffer found at
-    least :attr:`HEADROOM` records under its bound is not read again for :attr:`EVERY_S`;
-    closer to it, it is read before every record. The bound then holds unless more than
-    ``HEADROOM`` records are written within that second, and a run costs one command (XLEN)
-    less. A bound under ``HEADROOM`` is read every time.
-    """
-
-    EVERY_S = 1.0
-    HEADROOM = 100_000
-
-    def __init__(self) -> None:
-        self._next: dict[str, float] = {}  # log buffer key -> time.monotonic() of its next read
-
-    def due(self, key: str) -> bool:
-        """Whether the next record to ``key`` reads its length first."""
-        return time.monotonic() >= self._next.get(key, 0.0)
-
-    def read(self, key: str, length: int, bound: int) -> None:
-        """Note what a record found: ``key`` held ``length`` records after it."""
-        far = 0 <= length <= bound - self.HEADROOM
-        self._next[key] = time.monotonic() + self.EVERY_S if far else 0.0
-
-
-_buffer_lengths = _BufferLengths()
+_buffer_lengths = BufferLengths()  # of the log buffers this process records to
 _loop: asyncio.AbstractEventLoop | None = None
 
 

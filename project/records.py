@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "BufferLengths",
     "DeliveryRecord",
     "EventRecord",
     "decode_record",
@@ -28,6 +29,32 @@ __all__ = [
 ]
 
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class BufferLengths:
+    """When a writer of records (the router, a worker process) next reads the log buffer's length.
+
+    The bound (``LOG_BUFFER_MAX_RECORDS``, policy ``shed``) needs the length only near it. A
+    buffer found at least :attr:`HEADROOM` records under its bound is not read again for
+    ``every_s``; closer to it, it is read before every write. The bound then holds unless more
+    than ``HEADROOM`` records are written within that second, and a write costs one command
+    (XLEN) less. A bound under ``HEADROOM`` is read every time.
+    """
+
+    HEADROOM = 100_000
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._next: dict[str, float] = {}  # log buffer key -> time.monotonic() of its next read
+
+    def due(self, key: str) -> bool:
+        """Whether the next write to ``key`` reads its length first."""
+        return time.monotonic() >= self._next.get(key, 0.0)
+
+    def read(self, key: str, length: int, bound: int) -> None:
+        """Note what a write found: ``key`` held ``length`` records after it."""
+        far = 0 <= length <= bound - self.HEADROOM
+        self._next[key] = time.monotonic() + self.every_s if far else 0.0
 
 
 @dataclass(frozen=True, slots=True)
