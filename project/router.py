@@ -48,7 +48,7 @@ from project.errors import MalformedEnvelope
 from project.keys import ROUTER_GROUP
 from project.messages import TaskMessage, delivery_task_id, task_message
 from project.observability import metrics
-from project.records import event_record
+from project.records import BufferLengths, event_record
 from project.redis_conn import keys_for, redis_client, require_amqp_on_cluster
 from project.registry import Registry
 from project.scopes import ScopeLoops, literal_scopes
@@ -122,13 +122,16 @@ end
 
 # KEYS: stream, log buffer, dead-letter, log-shed counters, then the Celery queue lists
 #   (ARGV[7] of them), then the dedup keys of the entries' event_ids.
-# ARGV: group, consumer, dead-letter maxlen, log buffer bound, shed ('1' | '0'), dedup
-#   window (s), number of queue keys, then per entry:
+# ARGV: group, consumer, dead-letter maxlen, log buffer bound, read the log buffer's length
+#   and shed at the bound ('1'; '0': policy keep, or read under the bound less than a second
+#   ago, see project.records.BufferLengths), dedup window (s), number of queue keys, then
+#   per entry:
 #   id, kind ('d' dispatch | 'x' dead-letter), a, b, dedup KEYS index (0: none), n, then n
 #   pairs (KEYS index, message); for 'd': a = log record; for 'x': a = reason, b = raw entry.
 # Returns {entries handled, skipped, duplicates, records shed, tasks sent, dead-lettered,
 #   {"<key> (<type>)", ...} of queue keys that are not lists, {ids of the 'd' entries not
-#   dispatched here (skipped, duplicate, or dead-lettered for a bad queue key)}}.
+#   dispatched here (skipped, duplicate, or dead-lettered for a bad queue key)}, the log
+#   buffer's length (-1: not read)}.
 _DISPATCH_LUA = (
     _PENDING_LUA
     + """
@@ -136,11 +139,13 @@ local stream, logbuf, dlq, shed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, dlq_maxlen = ARGV[1], ARGV[2], ARGV[3]
 local log_max, shed, window = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6]
 -- A Redis script is not rolled back when a command fails, so no entry may be left half
--- written: each key an entry writes is known to hold the right type before its first write.
--- On the common path that costs no command of its own: XLEN checks the log buffer, and an
--- entry's first push checks its queue key (refused, it leaves nothing behind). TYPE is asked
--- of another queue key of the same entry, and of the dead-letter stream and the shed
--- counters when they are about to be written, once per call.
+-- written: each key an entry writes is known to hold the right type before its first write,
+-- or its writes are taken back. On the common path that costs no command of its own: an
+-- entry's first push checks its queue key (refused, it leaves nothing behind), and the first
+-- record checks the log buffer (refused, the entry's pushes are popped back off their
+-- lists; XLEN checks it first when the length is read). TYPE is asked of another queue key
+-- of the same entry, and of the dead-letter stream and the shed counters when they are
+-- about to be written, once per call.
 local good = {}
 local function keytype(k, want)
   if good[k] then return nil end
@@ -154,10 +159,14 @@ end
 local function wrongtype(reply)
   return type(reply) == 'table' and reply.err and string.find(reply.err, 'WRONGTYPE', 1, true)
 end
-local loglen = redis.pcall('XLEN', logbuf)
-if type(loglen) == 'table' then
-  if wrongtype(loglen) then return keytype_error(2, 'stream', redis.call('TYPE', logbuf)['ok']) end
-  return loglen
+local loglen = -1
+if shed then
+  loglen = redis.pcall('XLEN', logbuf)
+  if type(loglen) == 'table' then
+    if wrongtype(loglen) then return keytype_error(2, 'stream', redis.call('TYPE', logbuf)['ok']) end
+    return loglen
+  end
+  good[2] = true
 end
 -- LPUSH key m1 m2 ... (in chunks, as Lua's unpack is bounded); `first` uses pcall.
 local function push(q, msgs, first)
@@ -254,8 +263,14 @@ local function handle()
             redis.call('HINCRBY', shed_key, 'e', 1)
             shed_n = shed_n + 1
           else
-            redis.call('XADD', logbuf, '*', 'r', a)
-            loglen = loglen + 1
+            local r = (good[2] and redis.call or redis.pcall)('XADD', logbuf, '*', 'r', a)
+            if type(r) == 'table' then  -- refused: take the entry's tasks back, it stays pending
+              for o = 1, #order do redis.call('LPOP', KEYS[order[o]], #msgs[order[o]]) end
+              if wrongtype(r) then return keytype_error(2, 'stream', redis.call('TYPE', logbuf)['ok']) end
+              return r
+            end
+            good[2] = true
+            if loglen >= 0 then loglen = loglen + 1 end
           end
           if pub > 0 and not prev then redis.call('SET', KEYS[pub], id, 'EX', window) end
         end
@@ -275,7 +290,7 @@ if not ok then
   return redis.error_reply(tostring(failed))
 end
 if failed then return failed end  -- a key of the wrong type, found before the entry wrote
-return {done, skipped, dups, shed_n, sent, dead, badlist, passed}
+return {done, skipped, dups, shed_n, sent, dead, badlist, passed, loglen}
 """
 )
 
@@ -441,6 +456,7 @@ class Router:
         self._call_failures = 0
         self._shed_unlogged = 0
         self._next_shed_log_at = 0.0
+        self.buffer_lengths = BufferLengths()
 
         self.loop = GroupConsumer(
             self.client,
@@ -574,13 +590,14 @@ class Router:
             for queue, _ in item.messages:
                 queue_keys.setdefault(queue, len(queue_keys) + 5)
         script_keys = [keys.stream, keys.log_buffer, keys.dead_letter, keys.log_shed]
+        read_length = s.log_buffer_full_policy == "shed" and self.buffer_lengths.due(keys.log_buffer)
         script_keys += [keys.celery_queue(q) for q in queue_keys]
         argv: list[Any] = [
             ROUTER_GROUP,
             self.consumer,
             _DEAD_LETTER_MAXLEN,
             s.log_buffer_max_records,
-            "1" if s.log_buffer_full_policy == "shed" else "0",
+            "1" if read_length else "0",
             s.events_dedup_window_s,
             len(queue_keys),
         ]
@@ -593,7 +610,9 @@ class Router:
             for queue, message in item.messages:
                 argv += [queue_keys[queue], message]
         reply: Any = self._script(keys=script_keys, args=argv)
-        done, skipped, dups, shed, sent, dead, badlist, passed = reply
+        done, skipped, dups, shed, sent, dead, badlist, passed, length = reply
+        if read_length:
+            self.buffer_lengths.read(keys.log_buffer, int(length), s.log_buffer_max_records)
         if self._confirmed:  # acknowledged (or no longer ours): forget them
             self._confirmed.difference_update(item.eid for item in items)
         if metrics.enabled() is not None:

@@ -18,6 +18,7 @@ import redis
 
 from project.consumer import ensure_group
 from project.keys import ROUTER_GROUP, Keys
+from project.records import BufferLengths
 from project.registry import Registry, Subscription
 from project.router import Router
 from project.settings import Settings
@@ -130,6 +131,60 @@ def test_a_dead_letter_key_of_the_wrong_type_holds_back_only_what_must_be_dead_l
     ids = _task_ids(client, keys, "alpha")
     assert len(ids) == 3 and len(set(ids)) == 3
     assert stack.procs["router"].poll() is None
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    """How many times Redis ran ``command`` (scripts' commands included), server-wide."""
+    stats: Any = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def _bulk_router(stack: Stack, consumer: str) -> Router:
+    """An in-process router of bulk.item.made to beta and gamma (its dispatch called at known moments)."""
+    registry = Registry()
+    for name, queue in (("t.on_bulk", "beta"), ("t.on_bulk_item", "gamma")):
+        registry.add(Subscription(name, ("bulk.item.made",), print, queue, None, 0, 1.0, 1.0))
+    return Router(stack.settings, registry, consumer=consumer, client=stack.redis)
+
+
+@pytest.mark.parametrize("length_read", [True, False], ids=["length-read", "length-known"])
+def test_a_log_buffer_of_the_wrong_type_holds_the_entries_back_and_sends_nothing_twice(
+    stack: Stack, length_read: bool
+) -> None:
+    # The router reads the log buffer's length (XLEN, which finds its type) only near the
+    # bound or once a second. Between reads, the record's own XADD finds the wrong type after
+    # the entry's tasks were pushed: they are popped back, and nothing is half sent.
+    client, keys = stack.redis, stack.bus().keys
+    ensure_group(client, keys.stream, ROUTER_GROUP)
+    router = _bulk_router(stack, "c1")
+    if not length_read:
+        router.buffer_lengths = BufferLengths(every_s=3600)
+    _add(client, keys, _envelope("bulk.item.made"))
+    router.dispatch(client.xreadgroup(ROUTER_GROUP, "c1", {keys.stream: ">"})[0][1])
+    assert stack.queue_length("beta") == stack.queue_length("gamma") == 1
+    if length_read:
+        router.buffer_lengths = BufferLengths(every_s=0)  # read again before the next write
+
+    client.delete(keys.log_buffer)
+    client.set(keys.log_buffer, "in the way")
+    held = [_add(client, keys, _envelope("bulk.item.made")) for _ in range(3)]
+    entries = client.xreadgroup(ROUTER_GROUP, "c1", {keys.stream: ">"})[0][1]
+    lpops = _calls(client, "lpop")
+    with pytest.raises(redis.ResponseError, match=f"EVENTBUS-KEYTYPE {keys.log_buffer} holds a string"):
+        router.dispatch(entries)
+    # Refused by XLEN before any push, or pushed to beta and gamma and popped back.
+    assert _calls(client, "lpop") - lpops == (0 if length_read else 2)
+    assert stack.queue_length("beta") == stack.queue_length("gamma") == 1  # none of the three pushed
+    assert _pending(client, keys) == 3
+    assert client.get(keys.log_buffer) == b"in the way"
+
+    client.delete(keys.log_buffer)  # fixed: each held entry is sent, once
+    router.dispatch(entries)
+    assert _pending(client, keys) == 0
+    for queue in ("beta", "gamma"):
+        ids = _task_ids(client, keys, queue)
+        assert len(ids) == 4 and len(set(ids)) == 4
+    assert [json.loads(f[b"r"])[0] for _, f in client.xrange(keys.log_buffer)] == ["e"] * len(held)
 
 
 def test_an_entry_redis_keeps_refusing_is_dead_lettered_alone_and_the_others_are_sent_once(stack: Stack) -> None:
