@@ -80,7 +80,7 @@ class LeaseKeeper:
         return held.token if held else None
 
     def release(self, key: str) -> str | None:
-        """Stop renewing ``key``; return the token it was held with (the caller deletes it)."""
+        """Stop renewing ``key``; return the token it was held with (the caller deletes the key, or lets it lapse)."""
         with self._lock:
             held = self._held.pop(key, None)
         return held.token if held else None
