@@ -156,8 +156,6 @@ return {st, a}
 _START, _DONE, _FAIL = LuaScript(_START_LUA), LuaScript(_DONE_LUA), LuaScript(_FAIL_LUA)
 
 _HOST = socket.gethostname()
-
-
 _buffer_lengths = BufferLengths()  # of the log buffers this process records to
 _loop: asyncio.AbstractEventLoop | None = None
 

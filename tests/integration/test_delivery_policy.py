@@ -115,6 +115,23 @@ def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(sta
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
+def test_a_delivery_state_that_lapsed_during_the_run_gets_a_ttl_again_when_done(stack: Stack) -> None:
+    # The done script leaves the TTL the start script gave the hash; a hash gone meanwhile
+    # (evicted, deleted by hand) is made again by its HSET, and must not outlive its TTL.
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 2})
+    key = stack.bus().keys.scoped("policy.long.requested").delivery(delivery_task_id(event_id, f"{APP}.long_runner"))
+    wait_for(lambda: stack.redis.hget(key, "state") == b"running", what="the handler running")
+    ttl = stack.redis.ttl(key)
+    done_ttl = stack.settings.delivery_done_ttl_s
+    assert done_ttl < ttl <= done_ttl + stack.settings.delivery_time_limit_s  # outlives the run
+    stack.redis.delete(key)
+    _delivery(stack, event_id, "long_runner", "succeeded")
+    assert stack.redis.hget(key, "state") == b"done"
+    assert 0 < stack.redis.ttl(key) <= done_ttl
+
+
 @pytest.mark.brokers(*WITH_CLUSTER)
 def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stack: Stack) -> None:
     # A rolling deploy: the router has a handler the running worker does not have yet.
