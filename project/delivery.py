@@ -1,15 +1,19 @@
 """The worker side: one Celery task per subscription, and the delivery policy in its hooks.
 
 A delivery is one (event, handler): one Celery task with a task id derived from both. Its
-state lives in Redis (``Keys.delivery``: attempts and state) next to a lease
-(``Keys.lease``), and the policy lives in the task's own hooks, which Celery calls with
-explicit ids on every path, hard time limits included:
+state lives in Redis: a lease (``Keys.lease``), which is also its gate, holding the running
+process' token and, once the delivery is settled, ``done`` or ``dead``; and a hash
+(``Keys.delivery``: attempts, state, a redrive's budget, a committed block's outbox). The
+policy lives in the task's own hooks, which Celery calls with explicit ids on every path,
+hard time limits included:
 
 - ``before_start``: skip a delivery that is done or dead; defer a copy whose lease another
   process holds (sent again for when the lease lapses, never run in parallel); count the
-  attempt; give up on one that used all its attempts (a process killed each time).
-- ``on_success``: record it succeeded and mark it done, so every later copy is skipped
-  (its lease is left to lapse: no copy looks at it once the delivery is done).
+  attempt; give up on one that used all its attempts (a process killed each time). The
+  router's first copy of a delivery, which no attempt can have preceded, is started with
+  one ``SET NX`` of the lease and counted only if it fails.
+- ``on_success``: record it succeeded and mark it done in the gate, so every later copy is
+  skipped.
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
   with the same task id), or after the last attempt mark it dead and publish
   ``module.error``. Data that its handler's contract refuses (``ContractViolation``) is
@@ -45,9 +49,10 @@ from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.keys import Keys
 from project.lease import keeper, new_token
+from project.messages import FIRST_HEADER
 from project.observability import metrics
 from project.observability.tracing import handler_span
-from project.records import BufferLengths
+from project.records import BufferLengths, delivery_record
 from project.redis_conn import LuaScript
 from project.registry import Subscription
 
@@ -70,24 +75,46 @@ class ModuleError(BaseModel):
     error: str = Field(max_length=2000, description="The last error, as repr().")
 
 
+# The lease key is also the delivery's gate: it holds the token of the process running it,
+# or, once the delivery is settled, 'done' or 'dead' (for the state ttl). So a bare
+# `SET lease token NX PX` takes a delivery that nothing runs and nothing settled: that is
+# the whole start of a delivery's first copy (the router's one send, see
+# project.messages.FIRST_HEADER), which no attempt can have preceded. Every other copy
+# (redelivered by the broker, retried, deferred, redriven, sent again by the reconciler)
+# takes the full start below, which also counts its attempt in the delivery hash.
+#
 # KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s (the done
-# ttl plus the hard time limit: the done script leaves the TTL as it is). A redriven
-# delivery (project.operations) carries its own limit in 'budget': its attempts so far plus
-# a fresh max attempts, so attempts keep counting up across redrives.
+# ttl plus the hard time limit: the done script leaves the TTL as it is), attempts presumed
+# made when the hash counts none ('1': a redelivered first copy, whose first attempt started
+# without counting itself). A copy that finds a first copy holding the lease counts that
+# one's attempt, so a copy deferred meanwhile counts from there. (That write may abort a
+# commit of Event.redis_transaction in flight in the holder, which WATCHes the hash: the
+# holder then fails with LeaseLost and retries, nothing committed: rare, and safe.) A
+# redriven delivery (project.operations) carries its own limit in 'budget': its attempts so
+# far plus a fresh max attempts, so attempts keep counting up across redrives.
 _START_LUA = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'outbox', 'attempts', 'budget')
 local st = h[1]
 if st == 'done' or st == 'dead' then
   return {'skip', st, h[2] or ''}
 end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local gate = redis.call('GET', KEYS[2])
+if gate == 'done' or (gate == 'dead' and st ~= 'redriven') then
+  return {'skip', gate, h[2] or ''}
+end
+if gate and gate ~= 'dead' and gate ~= ARGV[1] then  -- ARGV[1]: a first copy's SET NX, retried
+  if not h[3] then  -- held by a first copy, which counts itself nowhere: count it for the copies after
+    redis.call('HSET', KEYS[1], 'attempts', 1, 'state', 'running')
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+  end
   return {'busy', redis.call('PTTL', KEYS[2])}
 end
-local a = tonumber(h[3] or '0')
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local a = tonumber(h[3] or ARGV[5])
 if a >= tonumber(h[4] or ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[4])
   return {'exhausted', a}
 end
 a = a + 1
@@ -96,20 +123,24 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
 """
 
-# Marks the delivery done and records it succeeded, in one round trip. The lease is not
-# released: a done delivery is skipped before its lease is looked at, and the keeper no
-# longer renews it, so it lapses within DELIVERY_LEASE_S (a GET and a DEL less per run).
-# The hash keeps the TTL the start script gave it, which outlasts the run (state ttl plus
-# the hard time limit); only a hash that lapsed meanwhile (HSET made both fields) gets one.
-# The mark goes first: a record Redis refuses (a log buffer of the wrong type) must not cost
-# the mark that keeps every later copy from running the handler again.
-# KEYS: delivery hash, log buffer, shed counters. ARGV: state ttl s, event_id ('': nothing
-# to record), handler, at, log buffer bound, full policy, attempts ('': read from the hash),
-# read the log buffer's length ('1') or take it as under the bound ('0': see
-# project.records.BufferLengths). An outbox left by an earlier copy is emptied. Returns the
-# log buffer's length if it was read (after the record), else -1.
+# Marks the delivery done and records it succeeded, in one round trip: the gate (the lease
+# key) becomes 'done', and a delivery the full start counted also gets 'done' in its hash,
+# which keeps the TTL the start script gave it (state ttl plus the hard time limit; only a
+# hash that lapsed meanwhile, which HSET made anew, gets one). The mark goes first: a record
+# Redis refuses (a log buffer of the wrong type) must not cost the mark that keeps every
+# later copy from running the handler again. A first copy's success without the length to
+# read is the same two commands in a plain pipeline (DeliveryTask.on_success).
+# KEYS: delivery hash, log buffer, shed counters, lease. ARGV: state ttl s, event_id ('':
+# nothing to record), handler, at, log buffer bound, full policy, attempts ('': read from
+# the hash), read the log buffer's length ('1') or take it as under the bound ('0': see
+# project.records.BufferLengths), mark the hash ('1'; '0': a first copy, which has none).
+# An outbox left by an earlier copy is emptied. Returns the log buffer's length if it was
+# read (after the record), else -1.
 _DONE_LUA = """
-if redis.call('HSET', KEYS[1], 'state', 'done', 'outbox', '') == 2 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+redis.call('SET', KEYS[4], 'done', 'EX', ARGV[1])
+if ARGV[9] == '1' and redis.call('HSET', KEYS[1], 'state', 'done', 'outbox', '') == 2 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
 if ARGV[2] == '' then return -1 end
 local len, shed = -1, false
 if ARGV[8] == '1' then
@@ -121,7 +152,7 @@ if shed then
   return len
 end
 local a = tonumber(ARGV[7])
-if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') end
+if not a then a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1') end
 local record = {'d', tonumber(ARGV[4]), ARGV[2], ARGV[3], 'succeeded', a, cjson.null}
 redis.call('XADD', KEYS[2], '*', 'r', cjson.encode(record))
 if len >= 0 then len = len + 1 end
@@ -129,16 +160,17 @@ return len
 """
 
 # KEYS: delivery hash, lease. ARGV: token ('' if unknown: a hard time limit, in the worker's
-# main process), max attempts, state ttl s, final ('1': give up now), this host's name.
+# main process), max attempts, state ttl s, final ('1': give up now), this host's name,
+# attempts made if the hash counts none (a first copy counts its one attempt only here).
 # An attempt whose lease lapsed (its worker was cut off from Redis) may fail long after
 # another copy took over: it must not undo what that copy did, so a settled delivery, or
 # one whose lease another process holds, is left alone ('settled', 'superseded').
 _FAIL_LUA = """
-local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '') or tonumber(ARGV[6]) or 0
 local holder = redis.call('GET', KEYS[2])
 if ARGV[4] ~= '1' then
   local now = redis.call('HGET', KEYS[1], 'state')
-  if now == 'done' or now == 'dead' then return {'settled', a} end
+  if now == 'done' or now == 'dead' or holder == 'done' or holder == 'dead' then return {'settled', a} end
   if holder and holder ~= ARGV[1] then
     if ARGV[1] ~= '' or string.sub(holder, 1, #ARGV[5] + 1) ~= ARGV[5] .. ':' then
       return {'superseded', a}
@@ -147,9 +179,13 @@ if ARGV[4] ~= '1' then
 end
 local st = 'retrying'
 if ARGV[4] == '1' or a >= tonumber(redis.call('HGET', KEYS[1], 'budget') or ARGV[2]) then st = 'dead' end
-redis.call('HSET', KEYS[1], 'state', st)
+redis.call('HSET', KEYS[1], 'state', st, 'attempts', a)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if st == 'dead' then
+  redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[3])
+elseif ARGV[1] ~= '' and holder == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
 return {st, a}
 """
 
@@ -219,8 +255,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
     # Attempts are counted per delivery in Redis (a lost process never reaches Celery's own
     # retry counter), so Celery's limit is off.
     max_retries = None
-    # (task id, attempt) of the delivery this process started last: its success record's.
-    _attempts: tuple[str, int] = ("", 0)
+    # (task id, attempt, first copy) of the delivery this process started last: what its
+    # success record and its done mark need.
+    _attempts: tuple[str, int, bool] = ("", 0, False)
 
     @property
     def max_attempts(self) -> int:
@@ -240,13 +277,21 @@ class DeliveryTask(Task):  # type: ignore[misc]
     # -- the hooks -----------------------------------------------------------------------
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        s = self.bus.settings
+        s, request = self.bus.settings, self.request
         client, keys = self._scripts_args(task_id, args)
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
-        # The run ends within its hard time limit, and its done mark must live the done ttl after.
-        ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
+        first = bool(getattr(request, FIRST_HEADER, None))
+        redelivered = first and bool((request.delivery_info or {}).get("redelivered") or request.get("redelivered"))
         try:
-            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s)
+            # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
+            # preceded it, so there is nothing to count (see _START_LUA).
+            if first and not redelivered and client.set(keys[1], token, nx=True, px=lease_ms):
+                keeper.hold(client, keys[1], token, lease_ms)
+                self._attempts = (task_id, 1, True)
+                return
+            # The run ends within its hard time limit, and its done mark must live the done ttl after.
+            ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
+            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, int(redelivered))
         except redis.RedisError as exc:
             # Put the message back rather than run without a lease or lose it.
             log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)
@@ -254,7 +299,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         verdict = _text(reply[0])
         if verdict == "run":
             keeper.hold(client, keys[1], token, lease_ms)
-            self._attempts = (task_id, int(reply[1]))  # one task at a time per process
+            self._attempts = (task_id, int(reply[1]), False)  # one task at a time per process
             return
         if verdict == "skip":
             outbox = _text(reply[2])
@@ -304,25 +349,37 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         s, keys = self.bus.settings, self._scope_keys(args)
-        keeper.release(keys.lease(task_id))  # left to lapse: the done mark makes every copy skip
-        attempt_of, attempts = self._attempts
+        lease = keys.lease(task_id)
+        keeper.release(lease)  # the done mark takes the lease key's place
+        attempt_of, attempts, first = self._attempts
+        ours = attempt_of == task_id
         event = args[0] if args and isinstance(args[0], dict) else {}
         event_id = str(event.get("event_id") or "")
+        client = self.bus.sync_client()
         read = event_id != "" and s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)
-        length = _DONE(
-            self.bus.sync_client(),
-            [keys.delivery(task_id), keys.log_buffer, keys.log_shed],
-            s.delivery_done_ttl_s,
-            event_id,
-            self.name,
-            f"{time.time():.6f}",
-            s.log_buffer_max_records,
-            s.log_buffer_full_policy,
-            attempts if attempt_of == task_id else "",
-            "1" if read else "0",
-        )
-        if read:
-            _buffer_lengths.read(keys.log_buffer, int(length), s.log_buffer_max_records)
+        if ours and first and event_id and not read:
+            # A first copy: no hash to mark and no length to read, so no script either.
+            record = delivery_record(event_id, self.name, "succeeded", attempts)
+            with client.pipeline(transaction=False) as pipe:
+                pipe.set(lease, "done", ex=s.delivery_done_ttl_s)
+                pipe.xadd(keys.log_buffer, {"r": record})
+                pipe.execute()
+        else:
+            length = _DONE(
+                client,
+                [keys.delivery(task_id), keys.log_buffer, keys.log_shed, lease],
+                s.delivery_done_ttl_s,
+                event_id,
+                self.name,
+                f"{time.time():.6f}",
+                s.log_buffer_max_records,
+                s.log_buffer_full_policy,
+                attempts if ours else "",
+                "1" if read else "0",
+                "0" if ours and first else "1",
+            )
+            if read:
+                _buffer_lengths.read(keys.log_buffer, int(length), s.log_buffer_max_records)
         duplicate = retval == "duplicate"
         metrics.record_delivery(self.name, "skipped" if duplicate else "succeeded")
 
@@ -346,8 +403,11 @@ class DeliveryTask(Task):  # type: ignore[misc]
         # No retry can help these: attempts used up, or data its contract refuses.
         final = isinstance(exc, DeliveryExhausted | ContractViolation)
         try:
+            attempt_of, attempts, _ = self._attempts
+            # A run that failed started: 1 at least, if this process did not start it (a hard time limit).
+            made = attempts if attempt_of == task_id else 1
             reply: Any = _FAIL(
-                client, keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST
+                client, keys, token, self.max_attempts, self.bus.settings.delivery_done_ttl_s, int(final), _HOST, made
             )
         except redis.RedisError:
             # The message is not acknowledged either (same Redis): it comes back after the

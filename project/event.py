@@ -193,6 +193,7 @@ class Event(dict[str, Any], Generic[DataT]):
 
         Raises:
             LeaseLost: another copy started meanwhile; nothing was committed here.
+            AlreadyHandled: the delivery's effect committed before; the handler stops here.
         """
         from project.inbox import redis_transaction
 

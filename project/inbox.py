@@ -70,6 +70,11 @@ def redis_transaction(event: Event[Any]) -> Iterator[redis.client.Pipeline]:
         return
     with d.bus.sync_client().pipeline(transaction=True) as pipe:
         pipe.watch(key)  # type: ignore[no-untyped-call]  # only another copy's start or end changes it
+        # A first copy starts without touching the hash (project.delivery): one that ran after
+        # this delivery's effect committed (its lease lapsed meanwhile) finds the mark here.
+        if pipe.hget(key, "state") in (b"done", "done"):
+            pipe.reset()
+            raise AlreadyHandled(f"delivery {d.task_id} was handled before")
         pipe.multi()
         with collecting(outbox):
             yield pipe

@@ -30,12 +30,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TaskMessage", "build_task_message", "delivery_task_id", "task_message", "wrap_message"]
+__all__ = ["FIRST_HEADER", "TaskMessage", "build_task_message", "delivery_task_id", "task_message", "wrap_message"]
 
 # Fixed namespace: the same (event_id, handler) always gets the same task_id.
 _TASK_NAMESPACE = uuid.UUID("6f0b0b8e-3c1a-4a5e-9d0c-9b3f3c8f1e21")
 _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
+# The header of a delivery's first copy (see task_message); Celery makes it a request attribute.
+FIRST_HEADER = "eventbus_first"
 _ORIGIN = f"eventbus-router@{socket.gethostname()}"
 # Celery sends its app's per-thread id here (only the rpc:// result backend reads it); one
 # per process keeps the field the shape Celery gives it.
@@ -84,6 +86,7 @@ def task_message(
     event_id: str,
     traceparent: str | None = None,
     tracestate: str | None = None,
+    first: bool = False,
 ) -> TaskMessage:
     """The Celery message that calls ``task_name(envelope)`` on ``queue``.
 
@@ -91,6 +94,10 @@ def task_message(
     ``traceparent`` and ``tracestate``, the envelope's trace context, become headers of the
     same names (a ``tracestate`` only with a ``traceparent``, as the W3C propagator writes
     them); without them the message has exactly the headers Celery gives an untraced task.
+    ``first``: the router's one send of a delivery, which no other copy can have preceded.
+    Its header (:data:`FIRST_HEADER`) lets the worker start it with a bare ``SET NX`` of its
+    lease (:mod:`project.delivery`); a broker that redelivers the message marks it
+    redelivered, and that copy takes the full start.
     """
     body = f"[[{envelope_json}],{{}},{_EMBED}]"
     headers: dict[str, Any] = {
@@ -114,6 +121,8 @@ def task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    if first:
+        headers[FIRST_HEADER] = 1
     if traceparent is not None:
         # Appended last, where Celery's propagator adds them to the headers it sends.
         headers["traceparent"] = traceparent

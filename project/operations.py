@@ -68,20 +68,26 @@ _REPLAY_NAMESPACE = uuid.UUID("5d0f3c52-8a0e-4d8b-9a57-2f9b6c1e7d10")
 _REPLAY_MARK_TTL_S = 90 * 86400
 REDRIVABLE = ("dead", "rejected")
 
-# KEYS: delivery hash, log buffer, and the queue when the script pushes. ARGV: task message,
-# attempts on record, max attempts, state ttl s, log record, push ('1': LPUSH the message on
-# KEYS[3]; '0': Celery's queues are on RabbitMQ and the caller publishes it). Sends only a
-# delivery that is settled in Redis (or forgotten): one already redriven and not settled again
-# is in flight, so a second run skips it. On a Redis Cluster the delivery hash and the log
-# buffer are those of the event's scope (one slot), and there is no queue key (RabbitMQ).
+# KEYS: delivery hash, log buffer, lease (also the delivery's gate: 'done' or 'dead' once
+# settled, else its running process' token; see project.delivery), and the queue when the
+# script pushes. ARGV: task message, attempts on record, max attempts, state ttl s, log
+# record, push ('1': LPUSH the message on KEYS[4]; '0': Celery's queues are on RabbitMQ and
+# the caller publishes it). Sends only a delivery that is settled in Redis (or forgotten):
+# one already redriven and not settled again is in flight, so a second run skips it. On a
+# Redis Cluster the delivery's keys and the log buffer are those of the event's scope (one
+# slot), and there is no queue key (RabbitMQ).
 _REDRIVE_LUA = """
 local st = redis.call('HGET', KEYS[1], 'state')
+local gate = redis.call('GET', KEYS[3])
+if gate == 'done' then return 'done' end
+if gate and gate ~= 'dead' and not st then return 'running' end
 if st and st ~= 'dead' then return st end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or ARGV[2])
 if a < tonumber(ARGV[2]) then a = tonumber(ARGV[2]) end
 redis.call('HSET', KEYS[1], 'state', 'redriven', 'attempts', a, 'budget', a + tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[6] == '1' then redis.call('LPUSH', KEYS[3], ARGV[1]) end
+if gate == 'dead' then redis.call('DEL', KEYS[3]) end
+if ARGV[6] == '1' then redis.call('LPUSH', KEYS[4], ARGV[1]) end
 redis.call('XADD', KEYS[2], '*', 'r', ARGV[5])
 return 'sent'
 """
@@ -391,7 +397,8 @@ def _redrive_one(
     push = ctx.sender is None
     keys = ctx.keys.scoped(row.event_type)  # on a Redis Cluster, the event's scope: one slot
     verdict = script(
-        keys=[keys.delivery(task_id), keys.log_buffer, *([keys.celery_queue(queue)] if push else [])],
+        keys=[keys.delivery(task_id), keys.log_buffer, keys.lease(task_id),
+              *([keys.celery_queue(queue)] if push else [])],
         args=[task.redis_form() if push else "", row.attempts, max_attempts, ctx.settings.delivery_done_ttl_s,
               delivery_record(row.event_id, row.handler, "dispatched", None, note), "1" if push else "0"],
     )  # fmt: skip

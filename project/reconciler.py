@@ -155,14 +155,23 @@ class Reconciler:
         for row in rows:
             keys = self.keys.scoped(row.event_type)
             pipe.hmget(keys.delivery(row.task_id), "state", "attempts")
-            pipe.exists(keys.lease(row.task_id))
+            pipe.get(keys.lease(row.task_id))
         replies = pipe.execute()
         resend: list[tuple[Any, str]] = []
         settle: list[tuple[Any, str, int]] = []
         for i, row in enumerate(rows):
-            (state, attempts), leased = replies[2 * i], replies[2 * i + 1]
+            (state, attempts), gate = replies[2 * i], replies[2 * i + 1]
             state = state.decode() if isinstance(state, bytes) else state
-            if state is None:
+            gate = gate.decode() if isinstance(gate, bytes) else gate
+            # The lease key is also the gate: 'done' or 'dead' once settled, else the token of
+            # the process running the delivery. A first copy runs and settles with no hash
+            # (project.delivery): its one attempt is counted only here.
+            if gate in ("done", "dead") and state not in ("done", "dead"):
+                state, attempts = gate, max(int(attempts or 0), 1)
+            leased = gate is not None and gate not in ("done", "dead")
+            if state is None and leased:
+                continue  # a first copy running: it has a lease and no hash
+            if state is None:  # or a first copy whose worker was lost, its lease lapsed: the same to resend
                 resend.append((row, "dispatched and never started"))
             elif state in ("done", "dead"):
                 settle.append((row, "succeeded" if state == "done" else "dead", int(attempts or 0)))

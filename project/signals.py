@@ -32,7 +32,8 @@ __all__ = ["connect"]
 
 log = logging.getLogger("eventbus.signals")
 
-# KEYS: log buffer, delivery hash, shed counters.
+# KEYS: log buffer, delivery hash, shed counters, lease (the gate: 'done' or 'dead' once
+# settled, see project.delivery; a first copy's delivery has no hash unless it failed).
 # ARGV: event_id, handler, status, error, at, max records, policy. Status '' records the
 # failure the hooks decided (retrying or dead); '?settled' records a done or dead delivery
 # whose copy was skipped (so a success whose record was lost in a crash is recorded now).
@@ -45,6 +46,11 @@ local st = ARGV[3]
 local a = tonumber(redis.call('HGET', KEYS[2], 'attempts') or '0')
 if st == '' or st == '?settled' then
   local s = redis.call('HGET', KEYS[2], 'state')
+  if s ~= 'done' and s ~= 'dead' then
+    local gate = redis.call('GET', KEYS[4])
+    if gate == 'done' or gate == 'dead' then s = gate end
+  end
+  if s == 'done' and a == 0 then a = 1 end  -- a first copy's one attempt, never counted in the hash
   if st == '?settled' then
     if s == 'done' then st = 'succeeded' elseif s == 'dead' then st = 'dead' else return 0 end
   elseif s == 'done' then return 0  -- a stale attempt's failure after another copy finished
@@ -79,7 +85,7 @@ def _record(
             keys = keys.scoped(str(event_type or ""))
         _RECORD(
             bus.sync_client(),
-            [keys.log_buffer, keys.delivery(task_id), keys.log_shed],
+            [keys.log_buffer, keys.delivery(task_id), keys.log_shed, keys.lease(task_id)],
             str(event_id or ""),
             handler,
             status,

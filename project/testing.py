@@ -459,12 +459,10 @@ class LiveEvents(EventRecorder):
                 for sub in self.bus.registry.match(e.event_type):
                     if globs and not any(fnmatch.fnmatchcase(sub.name, g) for g in globs):
                         continue
-                    state = client.hget(
-                        keys.scoped(e.event_type).delivery(delivery_task_id(e.event_id, sub.name)), "state"
-                    )
-                    status = {"done": "succeeded", "dead": "dead"}.get(
-                        state.decode() if isinstance(state, bytes) else ""
-                    )
+                    task_id, scoped = delivery_task_id(e.event_id, sub.name), keys.scoped(e.event_type)
+                    # Settled: the lease key (the delivery's gate) holds 'done' or 'dead' (project.delivery).
+                    gate = client.get(scoped.lease(task_id))
+                    status = {b"done": "succeeded", b"dead": "dead"}.get(gate) if isinstance(gate, bytes) else None
                     if status is None:
                         pending += 1
                         continue

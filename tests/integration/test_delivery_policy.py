@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from project.messages import delivery_task_id
+from project.messages import FIRST_HEADER, delivery_task_id, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
 from tests.rabbitmq import WITH_CLUSTER
@@ -115,21 +115,66 @@ def test_handler_longer_than_the_visibility_timeout_never_runs_twice_at_once(sta
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
+def _not_first(stack: Stack, queue: str) -> None:
+    """Take the router's copy off ``queue`` and put it back as any later copy: no first-copy header."""
+    key = stack.bus().keys.celery_queue(queue)
+    wait_for(lambda: stack.queue_length(queue) == 1, what="the router's copy queued")
+    message = json.loads(stack.redis.rpop(key))  # type: ignore[arg-type]
+    del message["headers"][FIRST_HEADER]
+    stack.redis.lpush(key, json.dumps(message))
+
+
 def test_a_delivery_state_that_lapsed_during_the_run_gets_a_ttl_again_when_done(stack: Stack) -> None:
-    # The done script leaves the TTL the start script gave the hash; a hash gone meanwhile
-    # (evicted, deleted by hand) is made again by its HSET, and must not outlive its TTL.
-    stack.start_worker(queues="gamma")
+    # A copy other than the router's first is counted in the delivery's hash. The done script
+    # leaves the TTL the start script gave it; a hash gone meanwhile (evicted, deleted by hand)
+    # is made again by its HSET, and must not outlive its TTL.
     stack.start_router()
     event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 2})
+    _not_first(stack, "gamma")
+    stack.start_worker(queues="gamma")
     key = stack.bus().keys.scoped("policy.long.requested").delivery(delivery_task_id(event_id, f"{APP}.long_runner"))
     wait_for(lambda: stack.redis.hget(key, "state") == b"running", what="the handler running")
     ttl = stack.redis.ttl(key)
     done_ttl = stack.settings.delivery_done_ttl_s
     assert done_ttl < ttl <= done_ttl + stack.settings.delivery_time_limit_s  # outlives the run
     stack.redis.delete(key)
-    _delivery(stack, event_id, "long_runner", "succeeded")
+    row = _delivery(stack, event_id, "long_runner", "succeeded")
+    assert row.attempts == 1  # type: ignore[attr-defined]
     assert stack.redis.hget(key, "state") == b"done"
     assert 0 < stack.redis.ttl(key) <= done_ttl
+
+
+def test_the_first_copy_runs_on_its_lease_alone_and_settles_in_it(stack: Stack) -> None:
+    # The router's one send of a delivery starts with a bare SET NX of its lease: no hash is
+    # written, and once done the lease key holds the done mark that every later copy meets.
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    bus = stack.bus()
+    event_id = bus.publish_sync("policy.long.requested", {"sleep_s": 2})
+    task_id = delivery_task_id(event_id, f"{APP}.long_runner")
+    keys = bus.keys.scoped("policy.long.requested")
+    wait_for(lambda: (stack.redis.get(keys.lease(task_id)) or b"done") != b"done", what="the handler holding its lease")
+    assert not stack.redis.exists(keys.delivery(task_id))
+    row = _delivery(stack, event_id, "long_runner", "succeeded")
+    assert row.attempts == 1  # type: ignore[attr-defined]
+    assert stack.redis.get(keys.lease(task_id)) == b"done"
+    assert 0 < stack.redis.ttl(keys.lease(task_id)) <= stack.settings.delivery_done_ttl_s
+    assert not stack.redis.exists(keys.delivery(task_id))
+
+    # Copies that come again, as the router's first (a duplicate send) and as any other, are
+    # skipped (a first copy crashing is counted by the copy Celery requeues, marked
+    # redelivered: test_handler_killing_its_process_counts_attempts_and_ends_dead).
+    [(_, fields)] = stack.redis.xrange(keys.stream)
+    for first in (True, False):
+        stack.redis.lpush(
+            bus.keys.celery_queue("gamma"),
+            task_message(
+                task_name=f"{APP}.long_runner", task_id=task_id, queue="gamma", envelope_json=fields[b"e"].decode(),
+                event_type="policy.long.requested", event_id=event_id, first=first,
+            ).redis_form(),
+        )  # fmt: skip
+    wait_for(lambda: stack.log("worker").count("this copy is skipped") == 2, what="both copies skipped")
+    assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
 @pytest.mark.brokers(*WITH_CLUSTER)
