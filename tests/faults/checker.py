@@ -256,8 +256,10 @@ def _redis_side(stack: Stack, snap: _Snapshot) -> str:
         task_id = snap.task_ids.get(pair)
         if task_id:
             state = stack.redis.hgetall(stack.keys.delivery(task_id))
-            lease = stack.redis.pttl(stack.keys.lease(task_id))
-            lines.append(f"  {pair} task {task_id}: {stack.keys.delivery(task_id)} = {state!r}, lease pttl {lease}")
+            gate, lease = stack.redis.get(stack.keys.lease(task_id)), stack.redis.pttl(stack.keys.lease(task_id))
+            lines.append(
+                f"  {pair} task {task_id}: {stack.keys.delivery(task_id)} = {state!r}, lease {gate!r} pttl {lease}"
+            )
     return ("\nin Redis:\n" + "\n".join(lines)) if lines else ""
 
 
