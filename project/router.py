@@ -679,6 +679,7 @@ class Router:
                     event_id=envelope.event_id,
                     traceparent=envelope.traceparent,
                     tracestate=envelope.tracestate,
+                    first=True,
                 )
             )
         record = event_record(text, deliveries)
