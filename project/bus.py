@@ -47,15 +47,45 @@ _RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
 # it happened. Each event_id is remembered for the dedup window, so the same publish sent
 # again (by redis-py's retry after a dropped connection, or by a caller retrying with the
 # event_id) stores nothing. Each event is stored on its own (redis.pcall): one that Redis
-# refuses (a dedup key of the wrong type) is that event's reply, an error, and the others
-# are stored. No MAXLEN: an entry is trimmed only once the routers acknowledged it
-# (project.router).
+# refuses is that event's reply, an error, and the others are stored. No MAXLEN: an entry
+# is trimmed only once the routers acknowledged it (project.router).
+# Per event: XADD, then SET NX EX of the dedup key to the new entry's id, then PUBLISH: three
+# commands, one less than a GET of the key first (then XADD, SET, PUBLISH) took. A duplicate,
+# which is rare, pays for it (XADD, SET, then undo's XINFO, XDEL, XSETID, and GET, where one
+# GET did): its SET finds the key taken, so the script takes the XADD back and replies the
+# key's value, the earlier id, or WRONGTYPE for a key of another type (SET NX does not look
+# at the type): refused, nothing stored, as before. A SET that fails takes the XADD back too
+# and replies its error. The key holds the id of the entry it was published as: the router
+# compares the two.
+# Taking an XADD back: XDEL, then XSETID puts back the stream's entries-added and
+# max-deleted-entry-id. Without it Redis 7.0 reports a wrong lag in XINFO GROUPS (one too
+# many per duplicate, for good, once the group has read past it; redis/redis#13337), which
+# the router lag gauge and the tests' idle checks read. XSETID ignores a max-deleted id of
+# 0-0 (nothing ever deleted); 0-1, before any entry, means the same to Redis. The XDEL'd
+# entry's id is not given out again (the stream's last id stays), no reader sees the entry
+# (the script is atomic; a router blocked in XREADGROUP is served after it, from past its
+# group's last-delivered id: Redis 7.0 wakes it with an empty reply, and it reads again),
+# and trimming (XTRIM MINID, from the groups' positions) does not depend on it.
 # KEYS: stream, then each event's dedup key. ARGV: dedup window (s), then the events'
 # envelopes and channels, each followed by a newline but the last (one argument for the
 # whole batch: redis-py packs each argument in Python, three per event would cost more than
 # the rest of the batch; no envelope or channel holds a newline, JSON escapes it).
 # Returns each event's stream id (or error), in order.
 PUBLISH_LUA = """
+local function undo(stream, id)
+  local info, added, deleted = redis.pcall('XINFO', 'STREAM', stream), nil, nil
+  if not info['err'] then
+    for k = 1, #info - 1, 2 do
+      if info[k] == 'entries-added' then added = info[k + 1] end
+      if info[k] == 'max-deleted-entry-id' then deleted = info[k + 1] end
+    end
+  end
+  redis.pcall('XDEL', stream, id)
+  if added and deleted then
+    if deleted == '0-0' then deleted = '0-1' end
+    redis.pcall('XSETID', stream, id, 'ENTRIESADDED', added - 1, 'MAXDELETEDID', deleted)
+  end
+end
 local batch, out, at = ARGV[2], {}, 1
 for i = 2, #KEYS do
   local cut = string.find(batch, '\\n', at, true)
@@ -63,12 +93,14 @@ for i = 2, #KEYS do
   at = string.find(batch, '\\n', cut + 1, true) or #batch + 1
   local channel = string.sub(batch, cut + 1, at - 1)
   at = at + 1
-  local id = redis.pcall('GET', KEYS[i])
-  if not id then
-    id = redis.pcall('XADD', KEYS[1], '*', 'e', envelope)
-    if type(id) == 'string' then
-      redis.pcall('SET', KEYS[i], id, 'EX', ARGV[1])
+  local id = redis.pcall('XADD', KEYS[1], '*', 'e', envelope)
+  if type(id) == 'string' then
+    local set = redis.pcall('SET', KEYS[i], id, 'NX', 'EX', ARGV[1])
+    if set and set['ok'] then
       redis.pcall('PUBLISH', channel, envelope)
+    else
+      undo(KEYS[1], id)
+      id = set or redis.pcall('GET', KEYS[i])
     end
   end
   out[i - 1] = id
