@@ -55,8 +55,9 @@ _RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
 # GET did): its SET finds the key taken, so the script takes the XADD back and replies the
 # key's value, the earlier id, or WRONGTYPE for a key of another type (SET NX does not look
 # at the type): refused, nothing stored, as before. A SET that fails takes the XADD back too
-# and replies its error. The key holds the id of the entry it was published as: the router
-# compares the two.
+# and replies its error. The key holds the id of the entry it was published as. The entry
+# carries field 'p' = '1' (project.keys.PUBLISHED_FIELD): one event_id, one entry, so the
+# router skips the key for it; an entry added by anything else is compared with the key.
 # Taking an XADD back: XDEL, then XSETID puts back the stream's entries-added and
 # max-deleted-entry-id. Without it Redis 7.0 reports a wrong lag in XINFO GROUPS (one too
 # many per duplicate, for good, once the group has read past it; redis/redis#13337), which
@@ -93,7 +94,7 @@ for i = 2, #KEYS do
   at = string.find(batch, '\\n', cut + 1, true) or #batch + 1
   local channel = string.sub(batch, cut + 1, at - 1)
   at = at + 1
-  local id = redis.pcall('XADD', KEYS[1], '*', 'e', envelope)
+  local id = redis.pcall('XADD', KEYS[1], '*', 'e', envelope, 'p', '1')
   if type(id) == 'string' then
     local set = redis.pcall('SET', KEYS[i], id, 'NX', 'EX', ARGV[1])
     if set and set['ok'] then

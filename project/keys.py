@@ -13,10 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LOG_GROUP", "ROUTER_GROUP", "Keys", "scope_of"]
+__all__ = ["LOG_GROUP", "PUBLISHED_FIELD", "ROUTER_GROUP", "Keys", "scope_of"]
 
 ROUTER_GROUP = "router"
 LOG_GROUP = "log-writer"
+# A stream entry holds its envelope in field 'e'. The publish script adds this field ('1'):
+# it keeps each event_id to one entry in the dedup window, so the router need not look at
+# the event_id's dedup key for that entry. An entry added by anything else has 'e' alone
+# and is checked against the key (an event added twice is dispatched once).
+PUBLISHED_FIELD = "p"
 
 
 def scope_of(event_type: str) -> str:

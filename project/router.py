@@ -45,7 +45,7 @@ from project.broker import CONNECTION_ERRORS, AmqpSender, BrokerError, sender_fo
 from project.consumer import ConsumerConfig, GroupConsumer
 from project.envelope import decode_envelope
 from project.errors import MalformedEnvelope
-from project.keys import ROUTER_GROUP
+from project.keys import PUBLISHED_FIELD, ROUTER_GROUP
 from project.messages import TaskMessage, delivery_task_id, task_message
 from project.observability import metrics
 from project.records import BufferLengths, event_record
@@ -59,6 +59,7 @@ __all__ = ["Router", "RouterStats"]
 log = logging.getLogger("eventbus.router")
 
 _DEAD_LETTER_MAXLEN = 100_000
+_PUBLISHED = PUBLISHED_FIELD.encode()
 _RAW_KEEP_BYTES = 8 * 1024
 # A script call failing this many times in a row is retried one entry at a time.
 _MAX_CALL_FAILURES = 3
@@ -381,6 +382,9 @@ class _Item:
     event_type: str = ""
     # RabbitMQ broker: the tasks, published (and confirmed) before the script runs.
     tasks: list[TaskMessage] = field(default_factory=list)
+    # Written by the publish script, which keeps an event_id to one entry in the dedup
+    # window: no dedup key to look at (see PUBLISHED_FIELD).
+    unique: bool = False
 
     def queues(self) -> list[str]:
         return [q for q, _ in self.messages] or [t.queue for t in self.tasks]
@@ -568,7 +572,7 @@ class Router:
         argv: list[Any] = [ROUTER_GROUP, self.consumer]
         for item in candidates:
             pub = 0
-            if item.event_id is not None:
+            if item.event_id is not None and not item.unique:
                 keys.append(self.keys.published(item.event_id))
                 pub = len(keys)
             argv += [item.eid, pub]
@@ -603,7 +607,7 @@ class Router:
         ]
         for item in items:
             pub = 0
-            if item.event_id is not None:
+            if item.event_id is not None and not item.unique:
                 script_keys.append(keys.published(item.event_id))
                 pub = len(script_keys)
             argv += [item.eid, item.kind, item.a, item.b, pub, len(item.messages)]
@@ -657,8 +661,12 @@ class Router:
     def _prepare(self, eid: str, fields: Any) -> _Item:
         if not fields:  # a pending entry whose data was trimmed away
             raise MalformedEnvelope("entry was trimmed from the stream")
-        if set(fields) != {b"e"}:
-            raise MalformedEnvelope(f"expected exactly one field 'e', got {sorted(map(_text, fields))[:5]}")
+        unique = len(fields) == 2 and fields.get(_PUBLISHED) == b"1"
+        if b"e" not in fields or len(fields) != 1 + unique:
+            raise MalformedEnvelope(
+                f"expected exactly one field 'e' (and {PUBLISHED_FIELD!r} from publish), "
+                f"got {sorted(map(_text, fields))[:5]}"
+            )
         raw = fields[b"e"]
         try:
             text = raw.decode("utf-8")
@@ -684,9 +692,9 @@ class Router:
             )
         record = event_record(text, deliveries)
         if self.sender is not None:
-            return _Item(eid, "d", record, "", envelope.event_id, [], fields, envelope.event_type, tasks)
+            return _Item(eid, "d", record, "", envelope.event_id, [], fields, envelope.event_type, tasks, unique)
         messages = [(t.queue, t.redis_form()) for t in tasks]
-        return _Item(eid, "d", record, "", envelope.event_id, messages, fields, envelope.event_type)
+        return _Item(eid, "d", record, "", envelope.event_id, messages, fields, envelope.event_type, unique=unique)
 
 
 def _count(items: list[_Item], dead: int, skipped: int, dups: int, passed: set[str]) -> None:

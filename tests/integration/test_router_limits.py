@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from project.consumer import ensure_group
-from project.keys import ROUTER_GROUP, Keys
+from project.keys import PUBLISHED_FIELD, ROUTER_GROUP, Keys
 from project.records import BufferLengths
 from project.registry import Registry, Subscription
 from project.router import Router
@@ -239,6 +239,24 @@ def test_the_same_event_added_twice_to_the_stream_is_dispatched_once(stack: Stac
     stack.settle()
     logged = stack.query("SELECT event_id::text FROM events_log")
     assert sorted(r.event_id for r in logged) == sorted([env["event_id"], other["event_id"]])
+
+
+def test_a_published_entry_is_sent_without_its_dedup_key_and_a_copy_added_by_hand_is_not(stack: Stack) -> None:
+    # The publish script keeps an event_id to one entry and marks it (PUBLISHED_FIELD), so the
+    # router does not look at the dedup key for it: here the key says another entry, and the
+    # published one is still sent. A copy added by anything else is compared with the key.
+    client, keys = stack.redis, stack.bus().keys
+    event_id = stack.bus().publish_sync("bulk.item.made", {"item_id": 1}, user_id=42)
+    [(published, fields)] = client.xrange(keys.stream)
+    assert fields[PUBLISHED_FIELD.encode()] == b"1"
+    assert client.get(keys.published(event_id)) == published  # the script's own record of it
+    client.set(keys.published(event_id), "0-1", keepttl=True)  # as if another entry had been it
+    _add(client, keys, json.loads(fields[b"e"]))  # the same event, added by hand
+    stack.start_router()
+    wait_for(lambda: _pending(client, keys) == 0 and client.xlen(keys.stream) >= 2, what="both entries handled")
+    wait_for(lambda: "repeat an event already published" in stack.log("router"), what="the copy noticed")
+    # Had the router looked at the key for the published entry too, neither would have been sent.
+    assert stack.queue_length("beta") == 1 and stack.queue_length("gamma") == 1
 
 
 # -- a batch over Redis' query buffer limit ----------------------------------------------------
