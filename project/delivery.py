@@ -49,7 +49,7 @@ from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.keys import Keys
 from project.lease import keeper, new_token
-from project.messages import FIRST_HEADER
+from project.messages import FIRST_HEADER, UNCOUNTED_HEADER
 from project.observability import metrics
 from project.observability.tracing import handler_span
 from project.records import BufferLengths, delivery_record
@@ -86,12 +86,14 @@ class ModuleError(BaseModel):
 # KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s (the done
 # ttl plus the hard time limit: the done script leaves the TTL as it is), attempts presumed
 # made when the hash counts none ('1': a redelivered first copy, whose first attempt started
-# without counting itself). A copy that finds a first copy holding the lease counts that
-# one's attempt, so a copy deferred meanwhile counts from there. (That write may abort a
-# commit of Event.redis_transaction in flight in the holder, which WATCHes the hash: the
-# holder then fails with LeaseLost and retries, nothing committed: rare, and safe.) A
-# redriven delivery (project.operations) carries its own limit in 'budget': its attempts so
-# far plus a fresh max attempts, so attempts keep counting up across redrives.
+# without counting itself, or a copy the reconciler sent for a delivery with no state). It
+# may not have started (a message restored unstarted, or lost on its way): it counts on
+# record, never towards giving up. A copy that finds a first copy holding the lease counts that one's attempt, so a copy
+# deferred meanwhile counts from there. (That write may abort a commit of
+# Event.redis_transaction in flight in the holder, which WATCHes the hash: the holder then
+# fails with LeaseLost and retries, nothing committed: rare, and safe.) A redriven delivery
+# (project.operations) carries its own limit in 'budget': its attempts so far plus a fresh
+# max attempts, so attempts keep counting up across redrives.
 _START_LUA = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'outbox', 'attempts', 'budget')
 local st = h[1]
@@ -111,7 +113,7 @@ if gate and gate ~= 'dead' and gate ~= ARGV[1] then  -- ARGV[1]: a first copy's 
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local a = tonumber(h[3] or ARGV[5])
-if a >= tonumber(h[4] or ARGV[3]) then
+if tonumber(h[3] or '0') >= tonumber(h[4] or ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'dead')
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[4])
@@ -282,6 +284,8 @@ class DeliveryTask(Task):  # type: ignore[misc]
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
         first = bool(getattr(request, FIRST_HEADER, None))
         redelivered = first and bool((request.delivery_info or {}).get("redelivered") or request.get("redelivered"))
+        # A first copy that came again, or a copy sent where one may have: its attempt ran uncounted.
+        uncounted = redelivered or bool(getattr(request, UNCOUNTED_HEADER, None))
         try:
             # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
             # preceded it, so there is nothing to count (see _START_LUA).
@@ -291,7 +295,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 return
             # The run ends within its hard time limit, and its done mark must live the done ttl after.
             ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
-            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, int(redelivered))
+            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, int(uncounted))
         except redis.RedisError as exc:
             # Put the message back rather than run without a lease or lose it.
             log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)

@@ -38,6 +38,8 @@ _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
 # The header of a delivery's first copy (see task_message); Celery makes it a request attribute.
 FIRST_HEADER = "eventbus_first"
+# The header of a copy sent again where an attempt may have run uncounted (see task_message).
+UNCOUNTED_HEADER = "eventbus_uncounted"
 _ORIGIN = f"eventbus-router@{socket.gethostname()}"
 # Celery sends its app's per-thread id here (only the rpc:// result backend reads it); one
 # per process keeps the field the shape Celery gives it.
@@ -87,6 +89,7 @@ def task_message(
     traceparent: str | None = None,
     tracestate: str | None = None,
     first: bool = False,
+    uncounted: bool = False,
 ) -> TaskMessage:
     """The Celery message that calls ``task_name(envelope)`` on ``queue``.
 
@@ -97,7 +100,9 @@ def task_message(
     ``first``: the router's one send of a delivery, which no other copy can have preceded.
     Its header (:data:`FIRST_HEADER`) lets the worker start it with a bare ``SET NX`` of its
     lease (:mod:`project.delivery`); a broker that redelivers the message marks it
-    redelivered, and that copy takes the full start.
+    redelivered, and that copy takes the full start. ``uncounted``: an attempt of the
+    delivery may have run without being counted (a first copy whose worker was lost); the
+    copy counts it (:data:`UNCOUNTED_HEADER`).
     """
     body = f"[[{envelope_json}],{{}},{_EMBED}]"
     headers: dict[str, Any] = {
@@ -123,6 +128,8 @@ def task_message(
     }
     if first:
         headers[FIRST_HEADER] = 1
+    if uncounted:
+        headers[UNCOUNTED_HEADER] = 1
     if traceparent is not None:
         # Appended last, where Celery's propagator adds them to the headers it sends.
         headers["traceparent"] = traceparent

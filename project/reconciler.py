@@ -167,14 +167,16 @@ class Reconciler:
             # the process running the delivery. A first copy runs and settles with no hash
             # (project.delivery): its one attempt is counted only here.
             if gate in ("done", "dead") and state not in ("done", "dead"):
-                state, attempts = gate, max(int(attempts or 0), 1)
+                state = gate
             leased = gate is not None and gate not in ("done", "dead")
             if state is None and leased:
                 continue  # a first copy running: it has a lease and no hash
             if state is None:  # or a first copy whose worker was lost, its lease lapsed: the same to resend
-                resend.append((row, "dispatched and never started"))
+                resend.append((row, _NEVER_STARTED))
             elif state in ("done", "dead"):
-                settle.append((row, "succeeded" if state == "done" else "dead", int(attempts or 0)))
+                # At least one attempt ran: a first copy's counts itself nowhere (its
+                # Event.redis_transaction marks the hash done without a count).
+                settle.append((row, "succeeded" if state == "done" else "dead", max(int(attempts or 0), 1)))
             elif not leased:
                 resend.append((row, f"{state} with no worker holding its lease (its worker was lost)"))
         if settle:
@@ -203,8 +205,11 @@ class Reconciler:
                 envelope_json=record_envelope(row),
                 event_type=row.event_type,
                 event_id=row.event_id,
+                # No state: it never started, or a first copy ran, uncounted, and its worker
+                # was lost. The copy counts that attempt as if it had been made.
+                uncounted=why == _NEVER_STARTED,
             )
-            for row, _ in rows
+            for row, why in rows
         ]
         if self.sender is not None:  # RabbitMQ: confirmed before it is recorded as sent
             self.sender.send(tasks)
@@ -227,6 +232,9 @@ class Reconciler:
                 row.event_id, row.handler, why, row.task_id,
             )  # fmt: skip
         self.resent += len(rows)
+
+
+_NEVER_STARTED = "dispatched and never started"
 
 
 def _ts(unix_s: float) -> datetime:

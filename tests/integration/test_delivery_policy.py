@@ -177,6 +177,25 @@ def test_the_first_copy_runs_on_its_lease_alone_and_settles_in_it(stack: Stack) 
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
+def test_a_first_copy_restored_before_it_started_still_runs_with_no_retries_left(stack: Stack) -> None:
+    # kombu marks a message it restores redelivered, started or not (a worker's prefetched
+    # messages, at its shutdown). A redelivered first copy counts a first attempt it cannot
+    # see, on record only: a handler without retries (long_runner) must still run.
+    stack.start_router()
+    event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 0})
+    key = stack.bus().keys.celery_queue("gamma")
+    wait_for(lambda: stack.queue_length("gamma") == 1, what="the router's copy queued")
+    message = json.loads(stack.redis.rpop(key))  # type: ignore[arg-type]
+    assert message["headers"][FIRST_HEADER] == 1
+    message["headers"]["redelivered"] = True  # as kombu's _do_restore_message marks it
+    message["properties"]["delivery_info"]["redelivered"] = True
+    stack.redis.lpush(key, json.dumps(message))
+    stack.start_worker(queues="gamma")
+    row = _delivery(stack, event_id, "long_runner", "succeeded")
+    assert row.attempts == 2  # type: ignore[attr-defined]  # the one it cannot tell from none, counted
+    assert stack.runs() == {f"{event_id}:long_runner": 1}
+
+
 @pytest.mark.brokers(*WITH_CLUSTER)
 def test_task_unknown_to_the_workers_is_kept_rejected_and_can_be_sent_again(stack: Stack) -> None:
     # A rolling deploy: the router has a handler the running worker does not have yet.
