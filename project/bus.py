@@ -81,7 +81,11 @@ local function undo(stream, id)
       if info[k] == 'max-deleted-entry-id' then deleted = info[k + 1] end
     end
   end
-  redis.pcall('XDEL', stream, id)
+  local gone = redis.pcall('XDEL', stream, id)
+  if gone ~= 1 then  -- refused (an ACL without XDEL): say so rather than keep a second entry
+    if type(gone) == 'table' and gone['err'] then return gone end
+    return redis.error_reply('EVENTBUS-UNDO the duplicate entry ' .. id .. ' could not be removed')
+  end
   if added and deleted then
     if deleted == '0-0' then deleted = '0-1' end
     redis.pcall('XSETID', stream, id, 'ENTRIESADDED', added - 1, 'MAXDELETEDID', deleted)
@@ -100,8 +104,7 @@ for i = 2, #KEYS do
     if set and set['ok'] then
       redis.pcall('PUBLISH', channel, envelope)
     else
-      undo(KEYS[1], id)
-      id = set or redis.pcall('GET', KEYS[i])
+      id = undo(KEYS[1], id) or set or redis.pcall('GET', KEYS[i])
     end
   end
   out[i - 1] = id
