@@ -10,8 +10,9 @@ hard time limits included:
 - ``before_start``: skip a delivery that is done or dead; defer a copy whose lease another
   process holds (sent again for when the lease lapses, never run in parallel); count the
   attempt; give up on one that used all its attempts (a process killed each time). The
-  router's first copy of a delivery, which no attempt can have preceded, is started with
-  one ``SET NX`` of the lease and counted only if it fails.
+  router's first copy of a delivery is started with one ``SET NX`` of the lease and counts
+  itself nowhere; a later copy counts that attempt (or presumes it, where it cannot tell
+  whether it started, never giving up on a presumed attempt alone), and a failure counts it.
 - ``on_success``: record it succeeded and mark it done in the gate, so every later copy is
   skipped.
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
@@ -49,7 +50,7 @@ from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.keys import Keys
 from project.lease import keeper, new_token
-from project.messages import FIRST_HEADER, UNCOUNTED_HEADER
+from project.messages import FIRST_HEADER, UNCOUNTED_HEADER, UNCOUNTED_MAYBE, UNCOUNTED_STARTED
 from project.observability import metrics
 from project.observability.tracing import handler_span
 from project.records import BufferLengths, delivery_record
@@ -76,51 +77,61 @@ class ModuleError(BaseModel):
 
 
 # The lease key is also the delivery's gate: it holds the token of the process running it,
-# or, once the delivery is settled, 'done' or 'dead' (for the state ttl). So a bare
-# `SET lease token NX PX` takes a delivery that nothing runs and nothing settled: that is
-# the whole start of a delivery's first copy (the router's one send, see
-# project.messages.FIRST_HEADER), which no attempt can have preceded. Every other copy
-# (redelivered by the broker, retried, deferred, redriven, sent again by the reconciler)
-# takes the full start below, which also counts its attempt in the delivery hash.
+# 'retrying' between a failed attempt and its retry, and once the delivery is settled
+# 'done' or 'dead' (for the state ttl). So a bare `SET lease token NX PX` takes a delivery
+# that nothing runs, retries or settled: that is the whole start of a delivery's first copy
+# (the router's send, see project.messages.FIRST_HEADER), which counts itself nowhere. Every
+# other copy (redelivered by the broker, retried, deferred, redriven, sent again by the
+# reconciler) takes the full start below, which counts its attempt in the delivery hash.
 #
 # KEYS: delivery hash, lease. ARGV: token, lease ms, max attempts, state ttl s (the done
-# ttl plus the hard time limit: the done script leaves the TTL as it is), attempts presumed
-# made when the hash counts none ('1': a redelivered first copy, whose first attempt started
-# without counting itself, or a copy the reconciler sent for a delivery with no state). It
-# may not have started (a message restored unstarted, or lost on its way): it counts on
-# record, never towards giving up. A copy that finds a first copy holding the lease counts that one's attempt, so a copy
-# deferred meanwhile counts from there. (That write may abort a commit of
-# Event.redis_transaction in flight in the holder, which WATCHes the hash: the holder then
-# fails with LeaseLost and retries, nothing committed: rare, and safe.) A redriven delivery
-# (project.operations) carries its own limit in 'budget': its attempts so far plus a fresh
-# max attempts, so attempts keep counting up across redrives.
+# ttl plus the hard time limit: the done script leaves the TTL as it is), an attempt this
+# copy counts that no hash holds (project.messages.UNCOUNTED_HEADER: '0' none; '2' one that
+# started, a first copy's this copy found holding the lease; '1' one that may have: a
+# redelivered first copy's, or what the reconciler found with no state: it counts, as
+# 'presumed', but never stops a delivery before an attempt surely ran, as it may never have
+# started: a message restored unstarted must still run a handler with no retries left). A
+# redriven delivery (project.operations) carries its own limit in 'budget': its attempts so
+# far plus a fresh max attempts, so attempts keep counting up across redrives. Returns
+# {'skip', state, outbox} | {'busy', lease ms left, 1 if its holder is an uncounted first
+# copy} | {'exhausted', attempts} | {'run', attempt}.
 _START_LUA = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'outbox', 'attempts', 'budget')
+local h = redis.call('HMGET', KEYS[1], 'state', 'outbox', 'attempts', 'budget', 'presumed')
 local st = h[1]
+local gate = redis.call('GET', KEYS[2])
 if st == 'done' or st == 'dead' then
+  if gate ~= st then redis.call('SET', KEYS[2], st, 'EX', ARGV[4]) end  -- settled by a commit or a redrive
   return {'skip', st, h[2] or ''}
 end
-local gate = redis.call('GET', KEYS[2])
 if gate == 'done' or (gate == 'dead' and st ~= 'redriven') then
   return {'skip', gate, h[2] or ''}
 end
-if gate and gate ~= 'dead' and gate ~= ARGV[1] then  -- ARGV[1]: a first copy's SET NX, retried
-  if not h[3] then  -- held by a first copy, which counts itself nowhere: count it for the copies after
-    redis.call('HSET', KEYS[1], 'attempts', 1, 'state', 'running')
-    redis.call('EXPIRE', KEYS[1], ARGV[4])
-  end
-  return {'busy', redis.call('PTTL', KEYS[2])}
+if gate == ARGV[1] and h[3] and st == 'running' then  -- this start ran already, its reply lost
+  return {'run', tonumber(h[3])}
+end
+if gate and gate ~= 'dead' and gate ~= 'retrying' and gate ~= ARGV[1] then  -- ARGV[1]: our SET NX landed
+  local uncounted = 0
+  if not h[3] then uncounted = 1 end
+  return {'busy', redis.call('PTTL', KEYS[2]), uncounted}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local a = tonumber(h[3] or ARGV[5])
-if tonumber(h[3] or '0') >= tonumber(h[4] or ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'dead')
+local a, p = tonumber(h[3] or '0'), tonumber(h[5] or '0')
+if not h[3] and ARGV[5] ~= '0' then
+  a = 1
+  if ARGV[5] == '1' then p = 1 end
+end
+if a >= tonumber(h[4] or ARGV[3]) and a > p then
+  redis.call('HSET', KEYS[1], 'state', 'dead', 'attempts', a)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[4])
   return {'exhausted', a}
 end
 a = a + 1
-redis.call('HSET', KEYS[1], 'attempts', a, 'state', 'running')
+if p > 0 then
+  redis.call('HSET', KEYS[1], 'attempts', a, 'state', 'running', 'presumed', p)
+else
+  redis.call('HSET', KEYS[1], 'attempts', a, 'state', 'running')
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'run', a}
 """
@@ -166,27 +177,33 @@ return len
 # attempts made if the hash counts none (a first copy counts its one attempt only here).
 # An attempt whose lease lapsed (its worker was cut off from Redis) may fail long after
 # another copy took over: it must not undo what that copy did, so a settled delivery, or
-# one whose lease another process holds, is left alone ('settled', 'superseded').
+# one whose lease another process holds, is left alone ('settled', 'superseded'). A retry
+# leaves 'retrying' in the gate, so no first copy can start meanwhile; giving up, 'dead'.
 _FAIL_LUA = """
-local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '') or tonumber(ARGV[6]) or 0
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'budget')
+local a = tonumber(h[2] or '') or tonumber(ARGV[6]) or 0
 local holder = redis.call('GET', KEYS[2])
 if ARGV[4] ~= '1' then
-  local now = redis.call('HGET', KEYS[1], 'state')
-  if now == 'done' or now == 'dead' or holder == 'done' or holder == 'dead' then return {'settled', a} end
-  if holder and holder ~= ARGV[1] then
+  local now = h[1]
+  if now == 'done' or now == 'dead' then
+    if holder ~= now then redis.call('SET', KEYS[2], now, 'EX', ARGV[3]) end
+    return {'settled', a}
+  end
+  if holder == 'done' or holder == 'dead' then return {'settled', a} end
+  if holder and holder ~= ARGV[1] and holder ~= 'retrying' then
     if ARGV[1] ~= '' or string.sub(holder, 1, #ARGV[5] + 1) ~= ARGV[5] .. ':' then
       return {'superseded', a}
     end
   end
 end
 local st = 'retrying'
-if ARGV[4] == '1' or a >= tonumber(redis.call('HGET', KEYS[1], 'budget') or ARGV[2]) then st = 'dead' end
+if ARGV[4] == '1' or a >= tonumber(h[3] or ARGV[2]) then st = 'dead' end
 redis.call('HSET', KEYS[1], 'state', st, 'attempts', a)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if st == 'dead' then
   redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[3])
-elseif ARGV[1] ~= '' and holder == ARGV[1] then
-  redis.call('DEL', KEYS[2])
+elseif not holder or holder == ARGV[1] or holder == 'retrying' or ARGV[1] == '' then
+  redis.call('SET', KEYS[2], 'retrying', 'EX', ARGV[3])
 end
 return {st, a}
 """
@@ -284,8 +301,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
         token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
         first = bool(getattr(request, FIRST_HEADER, None))
         redelivered = first and bool((request.delivery_info or {}).get("redelivered") or request.get("redelivered"))
-        # A first copy that came again, or a copy sent where one may have: its attempt ran uncounted.
-        uncounted = redelivered or bool(getattr(request, UNCOUNTED_HEADER, None))
+        # An attempt before this copy that no hash counts: a redelivered first copy's, which
+        # may have started, or what the header says (see _START_LUA).
+        uncounted = UNCOUNTED_MAYBE if redelivered else int(getattr(request, UNCOUNTED_HEADER, None) or 0)
         try:
             # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
             # preceded it, so there is nothing to count (see _START_LUA).
@@ -320,7 +338,12 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.info(
                 "%s[%s]: another copy holds the lease; this copy is deferred by %.1fs", self.name, task_id, delay_s
             )
-            self._send_later(args, kwargs, task_id, delay_s)
+            # A first copy holds it, counted nowhere: the deferred copy counts its attempt (not
+            # written to the hash here: the holder's Event.redis_transaction WATCHes it).
+            # Otherwise it carries what this copy would have counted.
+            carry = UNCOUNTED_STARTED if int(reply[2]) else uncounted
+            options = {"headers": {UNCOUNTED_HEADER: carry}} if carry else {}
+            self._send_later(args, kwargs, task_id, delay_s, **options)
             metrics.record_delivery(self.name, "deferred")
             raise Ignore()
         raise DeliveryExhausted(

@@ -8,7 +8,8 @@ again. A handler that writes through one of these helpers has its effect exactly
   ``delivery_inbox`` in the same transaction as the handler's writes; a copy that finds the
   row skips the rest of its handler (the inbox pattern).
 - ``with event.redis_transaction() as pipe:`` (Redis) queues the handler's commands in one
-  MULTI/EXEC with the delivery's done mark; a copy that finds the mark is skipped on start.
+  MULTI/EXEC with the delivery's done mark; a copy that finds the mark is skipped on start,
+  or, started already, stops at the block.
 
 Events published inside either block are kept with the mark and sent right after the
 commit; if the process dies in between, the next copy sends them (publish deduplicates by

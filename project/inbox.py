@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from project.context import Outbox, collecting
 from project.event import AlreadyHandled, Event, LeaseLost
+from project.lease import keeper
 from project.tables import delivery_inbox
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ def sql_transaction(event: Event[Any], engine: sa.Engine | None) -> Iterator[sa.
 def redis_transaction(event: Event[Any]) -> Iterator[redis.client.Pipeline]:
     """See :meth:`project.event.Event.redis_transaction`."""
     d = event._delivery()
-    key = d.bus.keys.scoped(event.event_type).delivery(d.task_id)
+    scoped = d.bus.keys.scoped(event.event_type)
+    key, lease = scoped.delivery(d.task_id), scoped.lease(d.task_id)
     outbox: Outbox = []
     if not d.recorded:  # the test kit: the same MULTI/EXEC and sending, no done mark
         with d.bus.sync_client().pipeline(transaction=True) as pipe, collecting(outbox):
@@ -70,10 +72,15 @@ def redis_transaction(event: Event[Any]) -> Iterator[redis.client.Pipeline]:
         return
     with d.bus.sync_client().pipeline(transaction=True) as pipe:
         pipe.watch(key)  # type: ignore[no-untyped-call]  # only another copy's start or end changes it
-        # A first copy starts without touching the hash (project.delivery): one that ran after
-        # this delivery's effect committed (its lease lapsed meanwhile) finds the mark here.
-        if pipe.hget(key, "state") in (b"done", "done"):
+        # A first copy starts without looking at the hash (project.delivery): one that runs
+        # after this delivery's effect committed finds the mark here, and sends what that
+        # commit kept to send, in case it was not sent.
+        state, kept = pipe.hmget(key, "state", "outbox")
+        if state in (b"done", "done"):
             pipe.reset()
+            if kept:
+                send_outbox(d.bus, kept.decode() if isinstance(kept, bytes) else str(kept))
+                d.bus.sync_client().hdel(key, "outbox")
             raise AlreadyHandled(f"delivery {d.task_id} was handled before")
         pipe.multi()
         with collecting(outbox):
@@ -83,10 +90,12 @@ def redis_transaction(event: Event[Any]) -> Iterator[redis.client.Pipeline]:
             mark["outbox"] = json.dumps(outbox)
         pipe.hset(key, mapping=mark)  # type: ignore[arg-type]
         pipe.expire(key, d.bus.settings.delivery_done_ttl_s)
+        pipe.set(lease, "done", ex=d.bus.settings.delivery_done_ttl_s)  # the gate: every copy skips now
         try:
             pipe.execute()
         except redis.WatchError:
             raise LeaseLost(f"another copy of delivery {d.task_id} started; not committed") from None
+    keeper.release(lease)  # the lease key holds the done mark now: nothing to renew
     _send(d.bus, outbox)
     if outbox:
         d.bus.sync_client().hdel(key, "outbox")

@@ -112,14 +112,19 @@ class Keys:
     def delivery(self, task_id: str) -> str:
         """A delivery's state on the workers: a hash of ``attempts`` and ``state``.
 
-        ``state`` is ``running``, ``retrying``, ``done`` or ``dead``; a copy of a delivery
-        whose state is ``done`` or ``dead`` is skipped. Expires ``DELIVERY_DONE_TTL_S`` after
-        its last change.
+        ``state`` is ``running``, ``retrying``, ``redriven``, ``done`` or ``dead``; a copy of a
+        delivery whose state is ``done`` or ``dead`` is skipped. Written by every copy but
+        the router's first (see :meth:`lease`). Expires ``DELIVERY_DONE_TTL_S`` (plus the
+        hard time limit) after its last change.
         """
         return f"{self.prefix}:dlv:{task_id}"
 
     def lease(self, task_id: str) -> str:
-        """Held (and renewed) by the one worker process running a delivery's handler."""
+        """Held (and renewed) by the one worker process running a delivery's handler.
+
+        Also the delivery's gate: ``retrying`` between attempts, ``done`` or ``dead`` for
+        ``DELIVERY_DONE_TTL_S`` once settled, so one ``SET NX`` starts a first copy.
+        """
         return f"{self.prefix}:lease:{task_id}"
 
     def published(self, event_id: str) -> str:

@@ -1,7 +1,8 @@
 """Leases: the one worker process running a delivery holds its lease and renews it.
 
-A lease is a Redis key holding a token of its holder, set with ``NX PX`` when a delivery
-starts (see :mod:`project.delivery`) and renewed every third of its lifetime by one daemon
+A lease is a Redis key holding a token of its holder, set when a delivery starts (see
+:mod:`project.delivery`, where the same key then holds the delivery's done mark, or
+``retrying`` or ``dead``) and renewed every third of its lifetime by one daemon
 thread per process, so a handler may run for hours while a crashed holder's lease lapses
 within ``DELIVERY_LEASE_S``. A lease only renews while its holder can reach Redis: a holder
 cut off for longer than the lease may find, once back, that another copy took over (the
@@ -80,7 +81,7 @@ class LeaseKeeper:
         return held.token if held else None
 
     def release(self, key: str) -> str | None:
-        """Stop renewing ``key``; return the token it was held with (the caller deletes the key, or lets it lapse)."""
+        """Stop renewing ``key``; return the token it was held with (the caller overwrites it, or lets it lapse)."""
         with self._lock:
             held = self._held.pop(key, None)
         return held.token if held else None

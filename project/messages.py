@@ -38,8 +38,12 @@ _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _EMBED = '{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
 # The header of a delivery's first copy (see task_message); Celery makes it a request attribute.
 FIRST_HEADER = "eventbus_first"
-# The header of a copy sent again where an attempt may have run uncounted (see task_message).
+# The header of a copy that is to count an attempt no delivery hash holds (a first copy's,
+# which counts itself nowhere; see project.delivery): UNCOUNTED_STARTED if that attempt
+# started, UNCOUNTED_MAYBE if it may have (it counts, but never stops a delivery before an
+# attempt surely ran).
 UNCOUNTED_HEADER = "eventbus_uncounted"
+UNCOUNTED_MAYBE, UNCOUNTED_STARTED = 1, 2
 _ORIGIN = f"eventbus-router@{socket.gethostname()}"
 # Celery sends its app's per-thread id here (only the rpc:// result backend reads it); one
 # per process keeps the field the shape Celery gives it.
@@ -97,12 +101,13 @@ def task_message(
     ``traceparent`` and ``tracestate``, the envelope's trace context, become headers of the
     same names (a ``tracestate`` only with a ``traceparent``, as the W3C propagator writes
     them); without them the message has exactly the headers Celery gives an untraced task.
-    ``first``: the router's one send of a delivery, which no other copy can have preceded.
+    ``first``: the router's send of a delivery, which no copy precedes (but for a RabbitMQ
+    resend of an unconfirmed batch, or a requeued rejected task, both the same message).
     Its header (:data:`FIRST_HEADER`) lets the worker start it with a bare ``SET NX`` of its
     lease (:mod:`project.delivery`); a broker that redelivers the message marks it
     redelivered, and that copy takes the full start. ``uncounted``: an attempt of the
     delivery may have run without being counted (a first copy whose worker was lost); the
-    copy counts it (:data:`UNCOUNTED_HEADER`).
+    copy counts it as presumed (:data:`UNCOUNTED_HEADER`).
     """
     body = f"[[{envelope_json}],{{}},{_EMBED}]"
     headers: dict[str, Any] = {
@@ -129,7 +134,7 @@ def task_message(
     if first:
         headers[FIRST_HEADER] = 1
     if uncounted:
-        headers[UNCOUNTED_HEADER] = 1
+        headers[UNCOUNTED_HEADER] = UNCOUNTED_MAYBE
     if traceparent is not None:
         # Appended last, where Celery's propagator adds them to the headers it sends.
         headers["traceparent"] = traceparent

@@ -93,9 +93,12 @@ return 'sent'
 """
 
 # RabbitMQ: a redrive whose publish failed is settled again, so the next run sends it.
-# KEYS: delivery hash.
+# KEYS: delivery hash, lease (the gate). ARGV: state ttl s.
 _UNREDRIVE_LUA = """
-if redis.call('HGET', KEYS[1], 'state') == 'redriven' then redis.call('HSET', KEYS[1], 'state', 'dead') end
+if redis.call('HGET', KEYS[1], 'state') == 'redriven' then
+  redis.call('HSET', KEYS[1], 'state', 'dead')
+  redis.call('SET', KEYS[2], 'dead', 'EX', ARGV[1])
+end
 return 0
 """
 
@@ -408,7 +411,9 @@ def _redrive_one(
             try:
                 ctx.sender.send([task])
             except BaseException:
-                ctx.client.eval(_UNREDRIVE_LUA, 1, keys.delivery(task_id))
+                ctx.client.eval(
+                    _UNREDRIVE_LUA, 2, keys.delivery(task_id), keys.lease(task_id), ctx.settings.delivery_done_ttl_s
+                )
                 raise
         result.sent += 1
         return True

@@ -3,8 +3,9 @@
 kombu's Redis transport takes a message off its queue (BRPOP) before the worker records it
 as unacknowledged; a worker's main process killed in between loses that message for good,
 and plain Celery cannot notice. The record can: such a delivery stays ``dispatched`` in
-``event_deliveries`` while no worker ever started it, so it has no state in Redis
-(``Keys.delivery``, made on its first start).
+``event_deliveries`` while no worker ever started it, so it has no state in Redis: no
+hash (``Keys.delivery``) and nothing in its lease key, the gate (``Keys.lease``). A first
+copy runs with a lease and no hash, so a lease alone means running.
 
 Every ``RECONCILE_INTERVAL_S`` one router (a lock in Redis picks it) looks for deliveries
 ``dispatched``, ``retrying`` or ``failed`` (an attempt failed while Redis could not take its
@@ -12,8 +13,9 @@ outcome, so no retry was decided) more than ``RECONCILE_AFTER_S`` ago and less t
 ``DELIVERY_DONE_TTL_S`` ago (past that, a missing state no longer proves the delivery never
 started, so they are only reported), and looks at each one's state in Redis:
 
-- none: it never started, so it is sent again with its own task id, from the event as the
-  record holds it;
+- none: it never started, or a first copy's worker was lost and its lease lapsed, so it is
+  sent again with its own task id, from the event as the record holds it, and that copy
+  counts a presumed attempt (``UNCOUNTED_HEADER``);
 - ``running`` or ``retrying`` with no worker holding its lease: its worker was lost (or its
   done mark could not be written), so it is sent again too;
 - ``done`` or ``dead``: a worker settled it but its record was lost (Redis failed between
@@ -163,12 +165,12 @@ class Reconciler:
             (state, attempts), gate = replies[2 * i], replies[2 * i + 1]
             state = state.decode() if isinstance(state, bytes) else state
             gate = gate.decode() if isinstance(gate, bytes) else gate
-            # The lease key is also the gate: 'done' or 'dead' once settled, else the token of
-            # the process running the delivery. A first copy runs and settles with no hash
-            # (project.delivery): its one attempt is counted only here.
+            # The lease key is also the gate: 'done' or 'dead' once settled, 'retrying' between
+            # attempts, else the token of the process running the delivery. A first copy runs
+            # and settles with no hash (project.delivery).
             if gate in ("done", "dead") and state not in ("done", "dead"):
                 state = gate
-            leased = gate is not None and gate not in ("done", "dead")
+            leased = gate is not None and gate not in ("done", "dead", "retrying")
             if state is None and leased:
                 continue  # a first copy running: it has a lease and no hash
             if state is None:  # or a first copy whose worker was lost, its lease lapsed: the same to resend

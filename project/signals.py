@@ -33,7 +33,7 @@ __all__ = ["connect"]
 log = logging.getLogger("eventbus.signals")
 
 # KEYS: log buffer, delivery hash, shed counters, lease (the gate: 'done' or 'dead' once
-# settled, see project.delivery; a first copy's delivery has no hash unless it failed).
+# settled, see project.delivery; a first copy's delivery may have no hash).
 # ARGV: event_id, handler, status, error, at, max records, policy. Status '' records the
 # failure the hooks decided (retrying or dead); '?settled' records a done or dead delivery
 # whose copy was skipped (so a success whose record was lost in a crash is recorded now).

@@ -460,8 +460,11 @@ class LiveEvents(EventRecorder):
                     if globs and not any(fnmatch.fnmatchcase(sub.name, g) for g in globs):
                         continue
                     task_id, scoped = delivery_task_id(e.event_id, sub.name), keys.scoped(e.event_type)
-                    # Settled: the lease key (the delivery's gate) holds 'done' or 'dead' (project.delivery).
+                    # Settled: the lease key (the delivery's gate) holds 'done' or 'dead', or the
+                    # delivery's hash does (project.delivery).
                     gate = client.get(scoped.lease(task_id))
+                    if gate not in (b"done", b"dead"):
+                        gate = client.hget(scoped.delivery(task_id), "state")
                     status = {b"done": "succeeded", b"dead": "dead"}.get(gate) if isinstance(gate, bytes) else None
                     if status is None:
                         pending += 1

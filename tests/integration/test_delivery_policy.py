@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -155,16 +156,26 @@ def test_the_first_copy_runs_on_its_lease_alone_and_settles_in_it(stack: Stack) 
     keys = bus.keys.scoped("policy.long.requested")
     wait_for(lambda: (stack.redis.get(keys.lease(task_id)) or b"done") != b"done", what="the handler holding its lease")
     assert not stack.redis.exists(keys.delivery(task_id))
+    # A copy meanwhile (as a broker restores one) is deferred, and writes nothing the holder's
+    # Event.redis_transaction WATCHes: it carries the holder's attempt in its own header.
+    [(_, fields)] = stack.redis.xrange(keys.stream)
+    copy = task_message(
+        task_name=f"{APP}.long_runner", task_id=task_id, queue="gamma", envelope_json=fields[b"e"].decode(),
+        event_type="policy.long.requested", event_id=event_id,
+    )  # fmt: skip
+    stack.redis.lpush(bus.keys.celery_queue("gamma"), copy.redis_form())
+    wait_for(lambda: "another copy holds the lease" in stack.log("worker"), what="the copy deferred")
+    assert not stack.redis.exists(keys.delivery(task_id))
     row = _delivery(stack, event_id, "long_runner", "succeeded")
     assert row.attempts == 1  # type: ignore[attr-defined]
     assert stack.redis.get(keys.lease(task_id)) == b"done"
     assert 0 < stack.redis.ttl(keys.lease(task_id)) <= stack.settings.delivery_done_ttl_s
     assert not stack.redis.exists(keys.delivery(task_id))
 
+    wait_for(lambda: "this copy is skipped" in stack.log("worker"), what="the deferred copy skipped")
     # Copies that come again, as the router's first (a duplicate send) and as any other, are
     # skipped (a first copy crashing is counted by the copy Celery requeues, marked
     # redelivered: test_handler_killing_its_process_counts_attempts_and_ends_dead).
-    [(_, fields)] = stack.redis.xrange(keys.stream)
     for first in (True, False):
         stack.redis.lpush(
             bus.keys.celery_queue("gamma"),
@@ -173,7 +184,7 @@ def test_the_first_copy_runs_on_its_lease_alone_and_settles_in_it(stack: Stack) 
                 event_type="policy.long.requested", event_id=event_id, first=first,
             ).redis_form(),
         )  # fmt: skip
-    wait_for(lambda: stack.log("worker").count("this copy is skipped") == 2, what="both copies skipped")
+    wait_for(lambda: stack.log("worker").count("this copy is skipped") == 3, what="both copies skipped")
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
@@ -183,17 +194,52 @@ def test_a_first_copy_restored_before_it_started_still_runs_with_no_retries_left
     # see, on record only: a handler without retries (long_runner) must still run.
     stack.start_router()
     event_id = stack.bus().publish_sync("policy.long.requested", {"sleep_s": 0})
-    key = stack.bus().keys.celery_queue("gamma")
-    wait_for(lambda: stack.queue_length("gamma") == 1, what="the router's copy queued")
+    _restore_first_copy(stack, "gamma")
+    stack.start_worker(queues="gamma")
+    row = _delivery(stack, event_id, "long_runner", "succeeded")
+    assert row.attempts == 2  # type: ignore[attr-defined]  # the one it cannot tell from none, counted
+    assert stack.runs() == {f"{event_id}:long_runner": 1}
+
+
+def _restore_first_copy(stack: Stack, queue: str) -> None:
+    """Take the router's first copy off ``queue`` and put it back as kombu restores a message."""
+    key = stack.bus().keys.celery_queue(queue)
+    wait_for(lambda: stack.queue_length(queue) == 1, what="the router's copy queued")
     message = json.loads(stack.redis.rpop(key))  # type: ignore[arg-type]
     assert message["headers"][FIRST_HEADER] == 1
     message["headers"]["redelivered"] = True  # as kombu's _do_restore_message marks it
     message["properties"]["delivery_info"]["redelivered"] = True
     stack.redis.lpush(key, json.dumps(message))
+
+
+def test_a_presumed_attempt_counts_but_a_real_one_runs_first(stack: Stack) -> None:
+    # doomed always fails and has max_retries=2 (3 attempts). A restored first copy presumes
+    # its unseen first attempt, which counts: two real ones follow.
+    stack.start_router()
+    event_id = stack.bus().publish_sync("doomed.job.requested", {})
+    _restore_first_copy(stack, "gamma")
     stack.start_worker(queues="gamma")
-    row = _delivery(stack, event_id, "long_runner", "succeeded")
-    assert row.attempts == 2  # type: ignore[attr-defined]  # the one it cannot tell from none, counted
-    assert stack.runs() == {f"{event_id}:long_runner": 1}
+    row = _delivery(stack, event_id, "doomed", "dead", timeout_s=90)
+    assert stack.runs() == {f"{event_id}:doomed": 2}
+    assert row.attempts == 3  # type: ignore[attr-defined]  # the presumed one and the two
+
+
+def test_the_full_start_sent_again_after_it_ran_counts_its_attempt_once(stack: Stack) -> None:
+    # redis-py sends a command again when the connection drops after Redis ran it.
+    from project.delivery import _START
+
+    keys, task_id = stack.bus().keys, "restart-" + uuid.uuid4().hex
+    client = stack.bus().sync_client()
+    args = ("tok-1", 30_000, 1, 600, 0)  # token, lease ms, max attempts, state ttl, nothing uncounted
+    assert [_text(x) for x in _START(client, [keys.delivery(task_id), keys.lease(task_id)], *args)] == ["run", "1"]
+    assert [_text(x) for x in _START(client, [keys.delivery(task_id), keys.lease(task_id)], *args)] == ["run", "1"]
+    assert stack.redis.hget(keys.delivery(task_id), "attempts") == b"1"
+    other = _START(client, [keys.delivery(task_id), keys.lease(task_id)], "tok-2", 30_000, 1, 600, 0)
+    assert _text(other[0]) == "busy" and other[2] == 0  # held by a counted copy
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @pytest.mark.brokers(*WITH_CLUSTER)
