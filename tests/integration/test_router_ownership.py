@@ -106,6 +106,19 @@ def _before_dispatch_call(monkeypatch: pytest.MonkeyPatch, router: Router, hook:
     assert not armed, "the router sent no dispatch call"
 
 
+def _two_routers(url: str) -> tuple[Keys, redis.Redis, Router, Router]:
+    """Routers ``a`` and ``b`` of one group on ``url``, and EVENTS entries for them to read."""
+    settings = _settings(url)
+    keys = Keys(settings.events_prefix)
+    admin = redis.Redis.from_url(url)
+    ensure_group(admin, keys.stream, ROUTER_GROUP)
+    a, b = (Router(settings, _registry(), consumer=c, client=redis.Redis.from_url(url, client_name=f"router-{c}"))
+            for c in "ab")  # fmt: skip
+    for _ in range(EVENTS):
+        _add(admin, keys)
+    return keys, admin, a, b
+
+
 def test_a_router_stalled_just_before_its_call_left_sends_nothing_a_taker_over_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,14 +126,7 @@ def test_a_router_stalled_just_before_its_call_left_sends_nothing_a_taker_over_s
     # before its bytes left, past ROUTER_CLAIM_IDLE_MS: another router took the entries over
     # and dispatched them meanwhile. Only a check made by Redis when the call runs sees that.
     with redis_server(tmp_path) as url:
-        settings = _settings(url)
-        keys = Keys(settings.events_prefix)
-        admin = redis.Redis.from_url(url)
-        ensure_group(admin, keys.stream, ROUTER_GROUP)
-        stalled = Router(settings, _registry(), consumer="a", client=redis.Redis.from_url(url, client_name="router-a"))
-        taker = Router(settings, _registry(), consumer="b", client=redis.Redis.from_url(url, client_name="router-b"))
-        for _ in range(EVENTS):
-            _add(admin, keys)
+        keys, admin, stalled, taker = _two_routers(url)
 
         def take_over() -> None:
             wait_for(lambda: _taken_over(taker), what="router b's takeover")
@@ -137,14 +143,7 @@ def test_a_router_that_read_entries_long_before_dispatching_them_skips_those_tak
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with redis_server(tmp_path) as url:
-        settings = _settings(url)
-        keys = Keys(settings.events_prefix)
-        admin = redis.Redis.from_url(url)
-        ensure_group(admin, keys.stream, ROUTER_GROUP)
-        slow = Router(settings, _registry(), consumer="a", client=redis.Redis.from_url(url))
-        taker = Router(settings, _registry(), consumer="b", client=redis.Redis.from_url(url))
-        for _ in range(EVENTS):
-            _add(admin, keys)
+        keys, admin, slow, taker = _two_routers(url)
 
         def dispatch_late(entries: Any) -> None:  # stalled after the read, before its call was made
             wait_for(lambda: _taken_over(taker), what="router b's takeover")
