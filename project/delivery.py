@@ -54,7 +54,7 @@ from project.messages import FIRST_HEADER, UNCOUNTED_HEADER, UNCOUNTED_MAYBE, UN
 from project.observability import metrics
 from project.observability.tracing import handler_span
 from project.records import BufferLengths, delivery_record
-from project.redis_conn import LuaScript
+from project.redis_conn import LuaScript, send_many, send_one
 from project.registry import Subscription
 
 __all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "ModuleError", "backoff_s", "register_tasks", "route_task"]
@@ -307,7 +307,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         try:
             # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
             # preceded it, so there is nothing to count (see _START_LUA).
-            if first and not redelivered and client.set(keys[1], token, nx=True, px=lease_ms):
+            if first and not redelivered and send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
                 keeper.hold(client, keys[1], token, lease_ms)
                 self._attempts = (task_id, 1, True)
                 return
@@ -387,10 +387,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
         if ours and first and event_id and not read:
             # A first copy: no hash to mark and no length to read, so no script either.
             record = delivery_record(event_id, self.name, "succeeded", attempts)
-            with client.pipeline(transaction=False) as pipe:
-                pipe.set(lease, "done", ex=s.delivery_done_ttl_s)
-                pipe.xadd(keys.log_buffer, {"r": record})
-                pipe.execute()
+            send_many(
+                client, ("SET", lease, "done", "EX", s.delivery_done_ttl_s), ("XADD", keys.log_buffer, "*", "r", record)
+            )
         else:
             length = _DONE(
                 client,

@@ -16,7 +16,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,20 @@ return 0
 """
 
 
+_process: tuple[int, str] = (0, "")  # (pid, "host:pid:") of the process that named it
+
+
 def new_token() -> str:
-    """A token naming this process (host and pid, for operators) and this one hold."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """A token naming this process (host and pid, for operators) and this one hold.
+
+    48 random bits tell one hold from another; the host and pid are looked up once per
+    process (a forked child has a pid of its own), not on every handler run.
+    """
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, f"{socket.gethostname()}:{pid}:")
+    return _process[1] + os.urandom(6).hex()
 
 
 @dataclass

@@ -30,6 +30,7 @@ __all__ = [
     "keys_for",
     "redis_client",
     "require_amqp_on_cluster",
+    "send_many",
     "send_one",
 ]
 
@@ -122,6 +123,53 @@ def send_one(client: Any, *args: Any) -> Any:
 def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
     conn.send_command(*args)
     return conn.read_response()
+
+
+def send_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
+    """The raw replies of ``commands``, sent in one round trip: a pipeline without its extras.
+
+    What a worker's done mark pays for on every handler run: redis-py's ``Pipeline`` builds
+    its command stack, response callbacks and an ``execute`` closure per use, about 15 µs
+    more than this here. The same connection, ``Retry`` and error semantics as a pipeline
+    with ``transaction=False``: on a connection error every command is sent again; every
+    reply is read before the first error reply is raised, so the connection stays in step.
+    A ``RedisCluster``, or a client holding one connection, goes through ``pipeline()``.
+
+    Raises:
+        redis.RedisError: the first command's error reply (``ResponseError``), or a
+            connection or timeout error once the retries are spent.
+    """
+    if type(client) is not redis.Redis or client.connection is not None:
+        with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute())
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        replies: list[Any] = conn.retry.call_with_retry(
+            lambda: _send_read_many(conn, commands), lambda _error: conn.disconnect()
+        )
+        return replies
+    finally:
+        if conn.should_reconnect():
+            conn.disconnect()
+        pool.release(conn)
+
+
+def _send_read_many(conn: Any, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    error: redis.ResponseError | None = None
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+            error = error or exc
+    if error is not None:
+        raise error
+    return replies
 
 
 class LuaScript:

@@ -1,0 +1,82 @@
+"""The worker's raw command paths (``send_one``, ``send_many``) and lease tokens, against the real Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from project.lease import new_token
+from project.redis_conn import send_many, send_one
+from tests.integration.conftest import REDIS_URL
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(REDIS_URL)
+    prefix = f"test-conn:{uuid.uuid4().hex}"
+    c.test_prefix = prefix  # type: ignore[attr-defined]
+    yield c
+    keys = list(c.scan_iter(f"{prefix}:*"))
+    if keys:
+        c.delete(*keys)
+    c.close()
+
+
+def test_send_many_returns_every_reply_of_one_round_trip(client: redis.Redis) -> None:
+    key, stream = f"{client.test_prefix}:k", f"{client.test_prefix}:s"  # type: ignore[attr-defined]
+    replies = send_many(client, ("SET", key, "done", "EX", 60), ("XADD", stream, "*", "r", "record"))
+    assert replies[0] in (b"OK", "OK")
+    assert client.get(key) == b"done"
+    assert 0 < client.ttl(key) <= 60
+    (entry,) = client.xrange(stream)
+    assert entry[0] == replies[1]
+    assert entry[1] == {b"r": b"record"}
+
+
+def test_send_many_raises_the_first_error_reply_and_leaves_the_connection_in_step(client: redis.Redis) -> None:
+    key, wrong = f"{client.test_prefix}:k", f"{client.test_prefix}:list"  # type: ignore[attr-defined]
+    client.rpush(wrong, "x")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        send_many(client, ("XADD", wrong, "*", "r", "record"), ("SET", key, "after"))
+    # A pipeline without a transaction: the command after the error still ran.
+    assert client.get(key) == b"after"
+    # Every reply was read: the pooled connection answers the next command with its own reply.
+    for n in range(5):
+        assert send_one(client, "ECHO", f"n{n}") == f"n{n}".encode()
+        assert send_many(client, ("ECHO", "a"), ("ECHO", "b")) == [b"a", b"b"]
+
+
+def test_send_many_sends_again_on_a_connection_the_server_closed(client: redis.Redis) -> None:
+    key = f"{client.test_prefix}:k"  # type: ignore[attr-defined]
+    assert send_many(client, ("SET", key, "1"), ("CLIENT", "ID"))[0] in (b"OK", "OK")
+    (own_id,) = send_many(client, ("CLIENT", "ID"))
+    killer = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert killer.client_kill_filter(_id=own_id) == 1
+    finally:
+        killer.close()
+    # The pooled connection is dead; the call reconnects and sends both commands again.
+    assert send_many(client, ("INCR", key), ("GET", key)) == [2, b"2"]
+
+
+def test_lease_tokens_are_unique_and_name_their_process() -> None:
+    tokens = {new_token() for _ in range(10_000)}
+    assert len(tokens) == 10_000
+    host_pid = next(iter(tokens)).rsplit(":", 1)[0]
+    assert host_pid.endswith(f":{os.getpid()}")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child names itself, not the parent it was forked from
+        os.write(write, new_token().encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child_token = os.read(read, 200).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert child_token.rsplit(":", 2)[1] == str(pid)
