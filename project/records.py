@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 __all__ = [
     "BufferLengths",
     "DeliveryRecord",
@@ -29,6 +31,19 @@ __all__ = [
 ]
 
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON: orjson's (a fifth of the standard encoder's time, on every record).
+
+    What orjson refuses is a lone surrogate (in an exception's text, say), which no UTF-8
+    write to Redis or PostgreSQL would take either: the standard encoder writes it, and each
+    such character becomes ``?``.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _DUMPS(value).encode("utf-8", "replace").decode("utf-8")
 
 
 class BufferLengths:
@@ -81,7 +96,7 @@ class DeliveryRecord:
 def event_record(envelope_json: str, deliveries: list[tuple[str, str]], at: float | None = None) -> str:
     """Encode an event record around ``envelope_json``, which must already be valid JSON."""
     when = time.time() if at is None else at
-    return f'["e",{when:.6f},{envelope_json},{_DUMPS([list(d) for d in deliveries])}]'
+    return f'["e",{when:.6f},{envelope_json},{_dumps([list(d) for d in deliveries])}]'
 
 
 def delivery_record(
@@ -89,7 +104,7 @@ def delivery_record(
 ) -> str:
     """Encode a delivery record."""
     when = time.time() if at is None else at
-    return _DUMPS(["d", round(when, 6), event_id, handler, status, attempts, error[:4000] if error else None])
+    return _dumps(["d", round(when, 6), event_id, handler, status, attempts, error[:4000] if error else None])
 
 
 def decode_record(raw: bytes | str) -> EventRecord | DeliveryRecord:
