@@ -82,9 +82,9 @@ local function undo(stream, id)
     end
   end
   local gone = redis.pcall('XDEL', stream, id)
-  if gone ~= 1 then  -- refused (an ACL without XDEL): say so rather than keep a second entry
-    if type(gone) == 'table' and gone['err'] then return gone end
-    return redis.error_reply('EVENTBUS-UNDO the duplicate entry ' .. id .. ' could not be removed')
+  if gone ~= 1 then  -- refused (an ACL without XDEL): the entry stays; say so, not "a duplicate"
+    local why = (type(gone) == 'table' and gone['err']) or 'XDEL removed nothing'
+    return redis.error_reply('EVENTBUS-UNDO its repeated entry ' .. id .. ' could not be taken back (' .. why .. ')')
   end
   if added and deleted then
     if deleted == '0-0' then deleted = '0-1' end
@@ -128,7 +128,15 @@ def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exc
             f"or may not be stored: publish it again with event_id={event_id!r}, which never stores it twice",
             event_id,
         )
+    if str(exc).startswith(_UNDO_ERROR):
+        return PublishRefused(
+            f"event {event_type!r} {event_id} was published already, and {str(exc)[len(_UNDO_ERROR) :]}: "
+            "the Redis user needs XINFO, XDEL and XSETID"
+        )
     return PublishRefused(f"Redis refused event {event_type!r} ({exc}); nothing was stored")
+
+
+_UNDO_ERROR = "EVENTBUS-UNDO "  # PUBLISH_LUA's error for a repeat whose XADD it could not take back
 
 
 _NO_COALESCER: tuple[Callable[[], object], None] = (lambda: None, None)

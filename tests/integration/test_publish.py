@@ -309,3 +309,26 @@ def test_publish_sync_loads_a_lost_script_again(tmp_path: Path) -> None:
 
 def _raw(client: redis.Redis, bus: EventBus) -> list[bytes]:
     return [fields[b"e"] for _, fields in client.xrange(bus.keys.stream)]
+
+
+def test_a_duplicate_whose_entry_a_redis_user_may_not_take_back_is_refused_not_passed_as_new(tmp_path: Path) -> None:
+    """A publishing user without XDEL: the repeated event_id raises PublishRefused, naming the
+    cause, and the dedup key still names the first entry, which the router dispatches."""
+    with redis_server(tmp_path) as url:
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "publisher", "on", ">pw", "~*", "&*", "+@all", "-xdel")
+        bus = _bus("acl", url=url.replace("redis://", "redis://publisher:pw@"))
+        event_id = bus.publish_sync("user.created", {"a": 1})
+        first_entry = admin.get(bus.keys.published(event_id))
+        with pytest.raises(PublishRefused, match=r"published already.*could not be taken back.*XDEL") as refused:
+            bus.publish_sync("user.created", {"a": 1}, event_id=event_id)
+        assert event_id in str(refused.value)
+        assert "nothing was stored" not in str(refused.value)
+        assert admin.get(bus.keys.published(event_id)) == first_entry
+        # The second XADD could not be taken back: it stays, marked as published (the
+        # delivery gate keeps its copies from running the handlers again).
+        entries = admin.xrange(bus.keys.stream)
+        assert len(entries) == 2
+        assert entries[0][0] == first_entry
+        assert entries[1][1][b"p"] == b"1"
+        admin.close()
