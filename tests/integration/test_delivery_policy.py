@@ -317,3 +317,33 @@ def test_reconciler_records_a_settled_delivery_and_resends_one_whose_worker_was_
     stack.start_worker(queues="alpha")
     _delivery(stack, orphaned, "on_birth_data", "succeeded")
     assert stack.runs() == {f"{orphaned}:on_birth_data": 1}  # the settled one never ran again
+
+
+def test_a_failed_first_copy_leaves_retrying_in_its_gate_so_a_copy_meanwhile_is_counted(stack: Stack) -> None:
+    # A first copy counts its attempt nowhere until it fails: the fail script writes it to the
+    # hash and leaves 'retrying' in the lease key for the backoff. A duplicate first copy then
+    # finds its bare SET NX refused and goes through the full start, which counts it.
+    from project.delivery import _DONE, _FAIL, _START
+
+    keys, task_id = stack.bus().keys, "retrying-" + uuid.uuid4().hex
+    hash_key, lease = keys.delivery(task_id), keys.lease(task_id)
+    client = stack.bus().sync_client()
+    assert client.set(lease, "tok-first", nx=True, px=30_000)  # the first copy's start
+    # token, max attempts, state ttl, not final, host, the first copy's one attempt
+    reply = _FAIL(client, [hash_key, lease], "tok-first", 3, 600, 0, "host", 1)
+    assert [_text(x) for x in reply] == ["retrying", "1"]
+    assert stack.redis.get(lease) == b"retrying"
+    assert 0 < stack.redis.ttl(lease) <= 600
+    assert stack.redis.hget(hash_key, "attempts") == b"1"
+
+    assert not client.set(lease, "tok-dup", nx=True, px=30_000)  # a duplicate first copy: refused
+    reply = _START(client, [hash_key, lease], "tok-dup", 30_000, 3, 600, 0)
+    assert [_text(x) for x in reply] == ["run", "2"]  # counted, and the gate is its lease now
+    assert stack.redis.get(lease) == b"tok-dup"
+    # The retry the failure scheduled arrives while the duplicate runs: deferred, not run.
+    assert _text(_START(client, [hash_key, lease], "tok-retry", 30_000, 3, 600, 0)[0]) == "busy"
+    _DONE(client, [hash_key, keys.log_buffer, keys.log_shed, lease], 600, "", "h", "0", 100, "block", "", "0", "1")
+    assert stack.redis.get(lease) == b"done"
+    assert stack.redis.hget(hash_key, "state") == b"done"
+    assert _text(_START(client, [hash_key, lease], "tok-retry", 30_000, 3, 600, 0)[0]) == "skip"
+    stack.redis.delete(hash_key, lease)
