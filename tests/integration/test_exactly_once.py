@@ -89,3 +89,28 @@ def test_sql_effect_and_its_event_happen_once_even_if_the_process_dies_after_com
         assert stack.runs() == {f"{event_id}:once_in_sql": 1}
     stack.settle()
     assert len(_published(stack, "once.sql.done")) == 1
+
+
+def test_a_first_copy_that_meets_a_committed_effect_sends_what_the_commit_kept_and_changes_nothing(
+    stack: Stack,
+) -> None:
+    # A copy that committed its effect, then died before sending the events it kept (and
+    # whose gate mark is gone): the next copy is a first copy, which starts without looking
+    # at the hash. Its Event.redis_transaction finds the done mark under its WATCH, sends
+    # the kept events and stops with AlreadyHandled; the effect is not applied again.
+    stack.start_worker(queues="gamma")
+    bus = stack.bus()
+    event_id = bus.publish_sync("once.redis.requested", {})
+    task_id = delivery_task_id(event_id, f"{APP}.once_in_redis")
+    kept_id, kept = bus._encode("once.redis.done", {"of": event_id}, None, "tests", None, None)
+    hash_key = bus.keys.scoped("once.redis.requested").delivery(task_id)
+    stack.redis.hset(hash_key, mapping={"state": "done", "outbox": json.dumps([["once.redis.done", kept_id, kept]])})
+    stack.start_router()
+    wait_for(lambda: "committed by an earlier copy" in stack.log("worker"), what="the copy stopped at the done mark")
+    assert stack.runs() == {f"{event_id}:once_in_redis": 1}
+    assert _effects_in_redis(stack, event_id) == 0  # the MULTI never ran
+    wait_for(lambda: _published(stack, "once.redis.done") == [kept_id], what="the kept event sent")
+    assert stack.redis.hget(hash_key, "outbox") in (None, b"")
+    stack.wait_query(DELIVERY, until=lambda r: r and r[0].status == "succeeded", e=event_id, h=f"{APP}.once_in_redis")
+    stack.settle()
+    assert _published(stack, "once.redis.done") == [kept_id]
