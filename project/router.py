@@ -383,7 +383,7 @@ class _Item:
     # RabbitMQ broker: the tasks, published (and confirmed) before the script runs.
     tasks: list[TaskMessage] = field(default_factory=list)
     # Written by the publish script, which keeps an event_id to one entry in the dedup
-    # window: no dedup key to look at (see PUBLISHED_FIELD).
+    # window, and read well within it: no dedup key to look at (see Router._unique).
     unique: bool = False
 
     def queues(self) -> list[str]:
@@ -661,8 +661,8 @@ class Router:
     def _prepare(self, eid: str, fields: Any) -> _Item:
         if not fields:  # a pending entry whose data was trimmed away
             raise MalformedEnvelope("entry was trimmed from the stream")
-        unique = len(fields) == 2 and fields.get(_PUBLISHED) == b"1"
-        if b"e" not in fields or len(fields) != 1 + unique:
+        marked = len(fields) == 2 and fields.get(_PUBLISHED) == b"1"
+        if b"e" not in fields or len(fields) != 1 + marked:
             raise MalformedEnvelope(
                 f"expected exactly one field 'e' (and {PUBLISHED_FIELD!r} from publish), "
                 f"got {sorted(map(_text, fields))[:5]}"
@@ -691,10 +691,27 @@ class Router:
                 )
             )
         record = event_record(text, deliveries)
+        unique = marked and self._unique(eid)
         if self.sender is not None:
             return _Item(eid, "d", record, "", envelope.event_id, [], fields, envelope.event_type, tasks, unique)
         messages = [(t.queue, t.redis_form()) for t in tasks]
         return _Item(eid, "d", record, "", envelope.event_id, messages, fields, envelope.event_type, unique=unique)
+
+    def _unique(self, eid: Any) -> bool:
+        """Whether a marked entry (the publish script's) can be sent without its dedup key.
+
+        The script stores an event_id once while its dedup key lives (``EVENTS_DEDUP_WINDOW_S``
+        from the entry's time): no second entry of that event can exist until then. A router
+        that reads an entry older than half the window (one lagging that long, or an entry
+        left pending) looks at the key as for any other entry: a publish retried after the
+        key lapsed may have stored the event again, and the key then names that later
+        entry, which is the one sent. The entry's time is the Redis server's clock.
+        """
+        try:
+            ms = int(_text(eid).split("-", 1)[0])
+        except ValueError:
+            return False
+        return ms >= time.time() * 1000 - self.settings.events_dedup_window_s * 500
 
 
 def _count(items: list[_Item], dead: int, skipped: int, dups: int, passed: set[str]) -> None:

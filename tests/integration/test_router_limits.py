@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,6 +257,25 @@ def test_a_published_entry_is_sent_without_its_dedup_key_and_a_copy_added_by_han
     wait_for(lambda: "repeat an event already published" in stack.log("router"), what="the copy noticed")
     assert _pending(client, keys) == 0  # both entries handled in one call
     # Had the router looked at the key for the published entry too, neither would have been sent.
+    assert stack.queue_length("beta") == 1 and stack.queue_length("gamma") == 1
+
+
+def test_a_published_entry_read_after_its_dedup_key_lapsed_defers_to_the_entry_the_key_names(stack: Stack) -> None:
+    # A router lagging past the dedup window: the event's key lapsed, a retried publish
+    # stored it again (a second marked entry) and the key names that one. The old entry is
+    # compared with the key, as any entry older than half the window is, and dropped; the
+    # retried one is sent. Skipping the key for both would send every delivery twice.
+    client, keys, bus = stack.redis, stack.bus().keys, stack.bus()
+    envelope = _envelope()
+    lapsed_ms = int(time.time() * 1000) - stack.settings.events_dedup_window_s * 1000 - 60_000
+    old = client.xadd(keys.stream, {"e": json.dumps(envelope), PUBLISHED_FIELD: "1"}, id=f"{lapsed_ms}-0")
+    assert not client.exists(keys.published(envelope["event_id"]))  # lapsed
+    bus.publish_sync("bulk.item.made", {"item_id": 1}, user_id=42, event_id=envelope["event_id"])
+    [(_, _), (retried, _)] = client.xrange(keys.stream)
+    assert client.get(keys.published(envelope["event_id"])) == retried != old
+    stack.start_router()
+    wait_for(lambda: "repeat an event already published" in stack.log("router"), what="the old entry noticed")
+    wait_for(lambda: _pending(client, keys) == 0 and client.xinfo_groups(keys.stream)[0]["lag"] == 0, what="both read")
     assert stack.queue_length("beta") == 1 and stack.queue_length("gamma") == 1
 
 
