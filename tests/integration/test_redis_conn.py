@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -61,6 +62,34 @@ def test_send_many_sends_again_on_a_connection_the_server_closed(client: redis.R
         killer.close()
     # The pooled connection is dead; the call reconnects and sends both commands again.
     assert send_many(client, ("INCR", key), ("GET", key)) == [2, b"2"]
+
+
+class _TimeLimit(BaseException):  # as Celery's SoftTimeLimitExceeded, raised by a signal handler
+    pass
+
+
+def _raise_time_limit(signum: int, frame: object) -> None:
+    raise _TimeLimit()
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_call_cut_short_by_a_time_limit_leaves_no_reply_for_the_next_command(client: redis.Redis, many: bool) -> None:
+    key = f"{client.test_prefix}:empty"  # type: ignore[attr-defined]
+    previous = signal.signal(signal.SIGALRM, _raise_time_limit)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_TimeLimit):  # BLPOP answers (nil) after 1 s: the call is cut short first
+            if many:
+                send_many(client, ("ECHO", "before"), ("BLPOP", key, 1))
+            else:
+                send_one(client, "BLPOP", key, 1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # The connection went back to the pool closed (redis-py's read_response disconnects on
+    # any BaseException): the next command gets its own reply, not the BLPOP's late nil.
+    assert send_one(client, "ECHO", "after") == b"after"
+    assert send_many(client, ("ECHO", "a"), ("ECHO", "b")) == [b"a", b"b"]
 
 
 def test_lease_tokens_are_unique_and_name_their_process() -> None:
