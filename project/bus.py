@@ -73,7 +73,7 @@ _RESERVED_QUEUES = frozenset({"unacked", "unacked_index", "unacked_mutex"})
 # the rest of the batch; no envelope or channel holds a newline, JSON escapes it).
 # Returns each event's stream id (or error), in order.
 PUBLISH_LUA = """
-local function undo(stream, id)
+local function undo(stream, id, set)
   local info, added, deleted = redis.pcall('XINFO', 'STREAM', stream), nil, nil
   if not info['err'] then
     for k = 1, #info - 1, 2 do
@@ -82,9 +82,12 @@ local function undo(stream, id)
     end
   end
   local gone = redis.pcall('XDEL', stream, id)
-  if gone ~= 1 then  -- refused (an ACL without XDEL): the entry stays; say so, not "a duplicate"
+  if gone ~= 1 then  -- refused (an ACL without XDEL): the entry stays; say so, and why it was undone
     local why = (type(gone) == 'table' and gone['err']) or 'XDEL removed nothing'
-    return redis.error_reply('EVENTBUS-UNDO its repeated entry ' .. id .. ' could not be taken back (' .. why .. ')')
+    local cause = 'was published already'
+    if set and set['err'] then cause = 'could not get its dedup key (' .. set['err'] .. ')' end
+    return redis.error_reply('EVENTBUS-UNDO ' .. cause .. ', and its new entry ' .. id ..
+      ' could not be taken back (' .. why .. '): it stays in the stream')
   end
   if added and deleted then
     if deleted == '0-0' then deleted = '0-1' end
@@ -104,7 +107,7 @@ for i = 2, #KEYS do
     if set and set['ok'] then
       redis.pcall('PUBLISH', channel, envelope)
     else
-      id = undo(KEYS[1], id) or set or redis.pcall('GET', KEYS[i])
+      id = undo(KEYS[1], id, set) or set or redis.pcall('GET', KEYS[i])
     end
   end
   out[i - 1] = id
@@ -130,8 +133,8 @@ def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exc
         )
     if str(exc).startswith(_UNDO_ERROR):
         return PublishRefused(
-            f"event {event_type!r} {event_id} was published already, and {str(exc)[len(_UNDO_ERROR) :]}: "
-            "the Redis user needs XINFO, XDEL and XSETID"
+            f"event {event_type!r} {event_id} {str(exc)[len(_UNDO_ERROR) :]}; "
+            "a Redis user that publishes needs XINFO, XDEL and XSETID"
         )
     return PublishRefused(f"Redis refused event {event_type!r} ({exc}); nothing was stored")
 

@@ -320,7 +320,10 @@ def test_a_duplicate_whose_entry_a_redis_user_may_not_take_back_is_refused_not_p
         bus = _bus("acl", url=url.replace("redis://", "redis://publisher:pw@"))
         event_id = bus.publish_sync("user.created", {"a": 1})
         first_entry = admin.get(bus.keys.published(event_id))
-        with pytest.raises(PublishRefused, match=r"published already.*could not be taken back.*XDEL") as refused:
+        with pytest.raises(
+            PublishRefused,
+            match=r"published already, and its new entry .* could not be taken back .*: it stays in the stream.*XDEL",
+        ) as refused:
             bus.publish_sync("user.created", {"a": 1}, event_id=event_id)
         assert event_id in str(refused.value)
         assert "nothing was stored" not in str(refused.value)
@@ -331,4 +334,12 @@ def test_a_duplicate_whose_entry_a_redis_user_may_not_take_back_is_refused_not_p
         assert len(entries) == 2
         assert entries[0][0] == first_entry
         assert entries[1][1][b"p"] == b"1"
+
+        # A user that may not SET either: the cause named is the dedup key, not a repeat.
+        admin.execute_command("ACL", "SETUSER", "no-set", "on", ">pw", "~*", "&*", "+@all", "-xdel", "-set")
+        other = _bus("acl", url=url.replace("redis://", "redis://no-set:pw@"))
+        with pytest.raises(PublishRefused, match=r"could not get its dedup key \(.*\), and its new entry") as refused:
+            other.publish_sync("user.created", {"a": 2})
+        assert "published already" not in str(refused.value)
+        assert admin.xlen(bus.keys.stream) == 3
         admin.close()
