@@ -440,6 +440,9 @@ class Router:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.client = client or redis_client(settings)
         self.stats = RouterStats()
+        # Redis' clock minus this host's, in ms (see _server_ms), and when to ask Redis again.
+        self._clock_offset_ms = 0.0
+        self._clock_due = 0.0
         self._script = self.client.register_script(_DISPATCH_LUA)
         self._owned_script = self.client.register_script(_OWNED_LUA)
         # On a cluster without a scope, this router only runs one router per scope (run).
@@ -705,13 +708,32 @@ class Router:
         that reads an entry older than half the window (one lagging that long, or an entry
         left pending) looks at the key as for any other entry: a publish retried after the
         key lapsed may have stored the event again, and the key then names that later
-        entry, which is the one sent. The entry's time is the Redis server's clock.
+        entry, which is the one sent.
         """
         try:
             ms = int(_text(eid).split("-", 1)[0])
         except ValueError:
             return False
-        return ms >= time.time() * 1000 - self.settings.events_dedup_window_s * 500
+        return ms >= self._server_ms() - self.settings.events_dedup_window_s * 500
+
+    def _server_ms(self) -> float:
+        """Now on the Redis server's clock, which gives entry ids their times, in ms.
+
+        This host's clock plus an offset that Redis' TIME gives once a minute: a router host
+        whose clock is behind would take old entries for fresh ones. Should TIME fail, the
+        last offset stays (the router's own commands fail as well then).
+        """
+        now = time.time()
+        if now >= self._clock_due:
+            self._clock_due = now + 60.0
+            try:
+                seconds, micros = self.client.time()
+                after = time.time()
+                self._clock_offset_ms = (seconds + micros / 1e6 - (now + after) / 2) * 1000
+            except (redis.RedisError, TypeError, ValueError) as exc:  # a cluster's reply shape, say
+                log.debug("router: cannot read Redis' clock (%s); keeping an offset of %.0f ms", exc,
+                          self._clock_offset_ms)  # fmt: skip
+        return now * 1000 + self._clock_offset_ms
 
 
 def _count(items: list[_Item], dead: int, skipped: int, dups: int, passed: set[str]) -> None:

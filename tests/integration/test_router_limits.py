@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,6 +278,27 @@ def test_a_published_entry_read_after_its_dedup_key_lapsed_defers_to_the_entry_t
     wait_for(lambda: "repeat an event already published" in stack.log("router"), what="the old entry noticed")
     wait_for(lambda: _pending(client, keys) == 0 and client.xinfo_groups(keys.stream)[0]["lag"] == 0, what="both read")
     assert stack.queue_length("beta") == 1 and stack.queue_length("gamma") == 1
+
+
+def test_entry_age_is_read_on_the_redis_clock_even_from_a_router_host_whose_clock_is_behind(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import project.router as router_module
+
+    router = Router(stack.settings, Registry(), client=stack.redis)
+    seconds, micros = stack.redis.time()
+    now_ms, window_s = seconds * 1000 + micros // 1000, stack.settings.events_dedup_window_s
+    fresh, old = f"{now_ms - 1000}-0", f"{now_ms - int(0.6 * window_s * 1000)}-3".encode()
+    assert router._unique(fresh) and not router._unique(old)
+    real_time = time.time
+    # This host's clock two windows behind Redis': the offset from TIME makes up for it.
+    monkeypatch.setattr(router_module, "time", types.SimpleNamespace(time=lambda: real_time() - 2 * window_s))
+    router._clock_due = 0.0
+    assert router._unique(fresh) and not router._unique(old)
+    # Without it, the old entry would pass for a fresh one and skip its dedup key.
+    router._clock_offset_ms, router._clock_due = 0.0, float("inf")
+    assert router._unique(old)
+    assert not router._unique("not-an-id")
 
 
 # -- a batch over Redis' query buffer limit ----------------------------------------------------
