@@ -83,6 +83,9 @@ class GroupConsumer:
         self.errors = 0
         self.log = logging.getLogger(f"eventbus.{config.what.replace(' ', '_')}")
         self._claim_cursor = "0-0"
+        # Whether the batch being handled was read new (">"), rather than read again from
+        # this consumer's pending entries or taken over from another consumer's.
+        self.fresh = True
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._next_claim_at = 0.0
         self._chores_due = [0.0] * len(config.chores)
@@ -134,6 +137,7 @@ class GroupConsumer:
             reply = self.client.xreadgroup(c.group, c.consumer, {c.stream: start}, count=c.batch_size, block=block_ms)
         entries = reply[0][1] if reply else []
         if entries:
+            self.fresh = start == ">"
             self.handle(entries)
         return len(entries)
 
@@ -152,6 +156,7 @@ class GroupConsumer:
             )  # fmt: skip
         if entries:
             self.log.info("%s: took over %d entries abandoned by another consumer", c.what, len(entries))
+            self.fresh = False
             self.handle(entries)
         if self._claim_cursor == "0-0":  # a full sweep: rest until entries could be idle again
             self._next_claim_at = time.monotonic() + c.claim_idle_ms / 2000

@@ -513,14 +513,22 @@ class Router:
         return trimmed
 
     def dispatch(self, entries: Sequence[tuple[Any, Any]]) -> None:
-        """Send the tasks of ``entries`` (read by this consumer) and acknowledge them."""
-        items = [self._item(_text(entry_id), fields) for entry_id, fields in entries]
+        """Send the tasks of ``entries`` (read by this consumer) and acknowledge them.
+
+        Each task is its delivery's first copy (``FIRST_HEADER``: the worker starts it with a
+        bare SET NX), except on RabbitMQ for entries read again or taken over: their tasks may
+        have been published already by a send whose acknowledgement did not follow, and a
+        copy sent again must be counted as any other (see project.delivery). On Redis the
+        script that pushes the tasks also acknowledges the entries, so no entry is sent twice.
+        """
+        first = self.sender is None or self.loop.fresh
+        items = [self._item(_text(entry_id), fields, first) for entry_id, fields in entries]
         for run in _pack(items, self.settings.router_batch_max_bytes):
             self._send(run)
 
-    def _item(self, eid: str, fields: Any) -> _Item:
+    def _item(self, eid: str, fields: Any, first: bool = True) -> _Item:
         try:
-            return self._prepare(eid, fields)
+            return self._prepare(eid, fields, first)
         except MalformedEnvelope as exc:
             log.warning("router: entry %s dead-lettered: %s", eid, exc)
             return _Item(eid, "x", str(exc)[:2000], _raw(fields), None, fields=fields)
@@ -661,7 +669,7 @@ class Router:
         self._shed_unlogged = 0
         self._next_shed_log_at = now + _SHED_LOG_INTERVAL_S
 
-    def _prepare(self, eid: str, fields: Any) -> _Item:
+    def _prepare(self, eid: str, fields: Any, first: bool = True) -> _Item:
         if not fields:  # a pending entry whose data was trimmed away
             raise MalformedEnvelope("entry was trimmed from the stream")
         marked = len(fields) == 2 and fields.get(_PUBLISHED) == b"1"
@@ -690,7 +698,7 @@ class Router:
                     event_id=envelope.event_id,
                     traceparent=envelope.traceparent,
                     tracestate=envelope.tracestate,
-                    first=True,
+                    first=first,
                 )
             )
         record = event_record(text, deliveries)

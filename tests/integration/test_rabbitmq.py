@@ -11,10 +11,16 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 from project.broker import AmqpSender
+from project.consumer import ensure_group
+from project.keys import ROUTER_GROUP
+from project.messages import FIRST_HEADER, delivery_task_id
+from project.registry import Registry, Subscription
+from project.router import Router
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
 
@@ -148,3 +154,47 @@ def test_quorum_queues_retry_with_a_countdown_and_end_dead_with_module_error(sta
     stack.wait_query(
         "SELECT count(*) FROM events_log WHERE event_type = 'module.error'", until=lambda rows: rows[0][0] >= 1
     )
+
+
+@on_rabbitmq
+def test_tasks_of_entries_read_again_or_taken_over_are_not_sent_as_first_copies(stack: Stack) -> None:
+    # On RabbitMQ the router publishes, then acknowledges: an entry it reads again (after a
+    # failed acknowledgement) or takes over may have had its tasks published already. They go
+    # as ordinary copies, which a worker counts with its full start, not as first copies,
+    # which it would start with a bare SET NX and count nowhere.
+    registry = Registry()
+    registry.add(Subscription(name="tests.rmq.on_item", patterns=("rmq.#",), handler=lambda e: None, queue="alpha",
+                              module=None, max_retries=0, backoff_s=1.0, backoff_max_s=1.0))  # fmt: skip
+    settings = stack.settings.model_copy(update={"router_claim_idle_ms": 100})
+    bus, client, stream = stack.bus(), stack.redis, stack.bus().keys.stream
+    router = Router(settings, registry, consumer="r1", client=client)
+
+    def newest() -> tuple[str, object]:
+        headers, _ = stack.newest("alpha")
+        return str(headers["id"]), headers.get(FIRST_HEADER)
+
+    try:
+        ensure_group(client, stream, ROUTER_GROUP)
+        new = bus.publish_sync("rmq.item.made", {"n": 1})
+        assert router.loop.read_once(">", None) == 1
+        assert newest() == (delivery_task_id(new, "tests.rmq.on_item"), 1)
+
+        again = bus.publish_sync("rmq.item.made", {"n": 2})
+        client.xreadgroup(ROUTER_GROUP, "r1", {stream: ">"})  # read by this router, not acknowledged
+        assert router.loop.read_once("0", None) == 1
+        assert newest() == (delivery_task_id(again, "tests.rmq.on_item"), None)
+
+        taken = bus.publish_sync("rmq.item.made", {"n": 3})
+        client.xreadgroup(ROUTER_GROUP, "gone", {stream: ">"})  # pending on a router that died
+        time.sleep(0.2)
+        router.loop.claim_abandoned()
+        assert newest() == (delivery_task_id(taken, "tests.rmq.on_item"), None)
+
+        later = bus.publish_sync("rmq.item.made", {"n": 4})
+        assert router.loop.read_once(">", None) == 1
+        assert newest() == (delivery_task_id(later, "tests.rmq.on_item"), 1)
+        assert stack.queue_length("alpha") == 4
+        assert client.xpending(stream, ROUTER_GROUP)["pending"] == 0
+    finally:
+        if router.sender is not None:
+            router.sender.close()
