@@ -121,6 +121,9 @@ _PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 _capture: Callable[[str, str, str], str] | None = None
 
 
+_UNDO_ERROR = "EVENTBUS-UNDO "  # PUBLISH_LUA's error for an XADD it had to, and could not, take back
+
+
 def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exception:
     """The error a failed publish raises: refused (nothing stored) or of unknown outcome."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError) and not isinstance(
@@ -137,9 +140,6 @@ def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exc
             "a Redis user that publishes needs XINFO, XDEL and XSETID"
         )
     return PublishRefused(f"Redis refused event {event_type!r} ({exc}); nothing was stored")
-
-
-_UNDO_ERROR = "EVENTBUS-UNDO "  # PUBLISH_LUA's error for a repeat whose XADD it could not take back
 
 
 _NO_COALESCER: tuple[Callable[[], object], None] = (lambda: None, None)

@@ -313,7 +313,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 return
             # The run ends within its hard time limit, and its done mark must live the done ttl after.
             ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
-            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, int(uncounted))
+            reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, uncounted)
         except redis.RedisError as exc:
             # Put the message back rather than run without a lease or lose it.
             log.warning("%s[%s]: cannot reach Redis to start (%s); requeued", self.name, task_id, exc)

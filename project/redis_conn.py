@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -110,10 +111,16 @@ def send_one(client: Any, *args: Any) -> Any:
     """
     if type(client) is not redis.Redis or client.connection is not None:
         return client.execute_command(*args)
+    return _on_pooled_connection(client, lambda conn: _send_read(conn, args))
+
+
+def _on_pooled_connection(client: redis.Redis, io: Callable[[Any], Any]) -> Any:
+    """``io(connection)`` on a connection of ``client``'s pool, under the connection's
+    ``Retry`` (a connection or timeout error disconnects, and ``io`` runs again)."""
     pool = client.connection_pool
     conn: Any = pool.get_connection()
     try:
-        return conn.retry.call_with_retry(lambda: _send_read(conn, args), lambda _error: conn.disconnect())
+        return conn.retry.call_with_retry(lambda: io(conn), lambda _error: conn.disconnect())
     finally:
         if conn.should_reconnect():  # the server announced maintenance (RESP3 push): as redis-py does
             conn.disconnect()
@@ -144,17 +151,8 @@ def send_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
             for command in commands:
                 pipe.execute_command(*command)
             return list(pipe.execute())
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()
-    try:
-        replies: list[Any] = conn.retry.call_with_retry(
-            lambda: _send_read_many(conn, commands), lambda _error: conn.disconnect()
-        )
-        return replies
-    finally:
-        if conn.should_reconnect():
-            conn.disconnect()
-        pool.release(conn)
+    replies: list[Any] = _on_pooled_connection(client, lambda conn: _send_read_many(conn, commands))
+    return replies
 
 
 def _send_read_many(conn: Any, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
