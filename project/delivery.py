@@ -49,7 +49,8 @@ from project.contracts import event as contract_event
 from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.keys import Keys
-from project.lease import keeper, new_token
+from project.kombu_fixes import take_leases_on_receipt
+from project.lease import LEASE_AT_HEADER, LEASE_HEADER, keeper, new_token
 from project.messages import FIRST_HEADER, UNCOUNTED_HEADER, UNCOUNTED_MAYBE, UNCOUNTED_STARTED
 from project.observability import metrics
 from project.observability.tracing import handler_span
@@ -306,11 +307,17 @@ class DeliveryTask(Task):  # type: ignore[misc]
         uncounted = UNCOUNTED_MAYBE if redelivered else int(getattr(request, UNCOUNTED_HEADER, None) or 0)
         try:
             # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
-            # preceded it, so there is nothing to count (see _START_LUA).
-            if first and not redelivered and send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
-                keeper.hold(client, keys[1], token, lease_ms)
-                self._attempts = (task_id, 1, True)
-                return
+            # preceded it, so there is nothing to count (see _START_LUA). On a Redis broker the
+            # worker's main process took it already, as it received the message (_lease_of).
+            if first and not redelivered:
+                held = getattr(request, LEASE_HEADER, None)  # written by no one on RabbitMQ: ignored
+                if held and not s.broker_is_amqp and keeper.adopt(client, keys[1], held, lease_ms, _at(request)):
+                    self._attempts = (task_id, 1, True)
+                    return
+                if send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
+                    keeper.hold(client, keys[1], token, lease_ms)
+                    self._attempts = (task_id, 1, True)
+                    return
             # The run ends within its hard time limit, and its done mark must live the done ttl after.
             ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
             reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, uncounted)
@@ -487,6 +494,14 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.exception("%s: could not publish %s", sub.name, MODULE_ERROR)
 
 
+def _at(request: Any) -> float:
+    """When the lease in the request's headers was taken (``time.monotonic()``); 0 if unsaid."""
+    try:
+        return float(getattr(request, LEASE_AT_HEADER, 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def register_tasks(app: Celery, bus: EventBus) -> None:
     """Make one Celery task per subscription in ``bus``, named after its handler (idempotent)."""
     for sub in bus.registry:
@@ -507,6 +522,25 @@ def register_tasks(app: Celery, bus: EventBus) -> None:
             },
         )
         app.register_task(task_cls())
+    take_leases_on_receipt(_lease_of(bus))
+
+
+def _lease_of(bus: EventBus) -> Any:
+    """What the worker's main process takes on receipt (:func:`take_leases_on_receipt`): the
+    lease of a delivery's first copy that no broker redelivered, where the Redis that holds
+    Celery's queues holds the leases too (on a Redis broker it is the event Redis; a Redis
+    Cluster's keys live elsewhere)."""
+    lease_ms, amqp = int(bus.settings.delivery_lease_s * 1000), bus.settings.broker_is_amqp
+
+    def lease_of(message: Any) -> tuple[str, str, int] | None:
+        headers = message.headers
+        if amqp or not headers.get(FIRST_HEADER) or headers.get("redelivered"):
+            return None
+        if message.delivery_info.get("redelivered") or bus.keys.cluster:
+            return None
+        return bus.keys.lease(str(headers.get("id"))), new_token(), lease_ms
+
+    return lease_of
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:

@@ -1,5 +1,6 @@
-"""Two changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts,
-and a client object built for every command the worker's main process sends.
+"""Three changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts,
+a client object built for every command the worker's main process sends, and a first copy's
+lease taken in the round trip that receives it.
 
 **Redis restarts.**
 When Redis goes away and the worker's consumer closes its broken connection, kombu's channel
@@ -18,16 +19,29 @@ client copies its table of some 200 response callbacks, which was about a fifth 
 worker's main process (measured with py-spy). The channel now keeps one client per pool
 (redis-py's clients are thread-safe and take a connection from the pool per command); a new
 pool, after kombu dropped the old one on a connection error, gets a new client.
+
+**A first copy's lease, taken on receipt** (:func:`take_leases_on_receipt`). As the worker's
+main process receives a message, kombu notes it as unacknowledged in one transaction
+(``QoS.append``). For the router's first copy of a delivery, the ``SET NX`` of its lease goes
+into that transaction, and its token into the message's headers
+(:data:`~project.lease.LEASE_HEADER`), which the pool process that runs it adopts
+(:meth:`~project.lease.LeaseKeeper.adopt`) instead of taking the lease itself: a round trip
+fewer in the pool process, on every delivery's way to its handler. The lease is what it
+was: the key, the token naming a process of the host that runs the delivery, and its
+lifetime, renewed by that pool process.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["apply"]
+from project.lease import LEASE_AT_HEADER, LEASE_HEADER
+
+__all__ = ["apply", "take_leases_on_receipt"]
 
 log = logging.getLogger("eventbus.kombu_fixes")
 
@@ -57,6 +71,58 @@ def apply() -> None:
 
     restore_unacked._eventbus_patched = True  # type: ignore[attr-defined]
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
+#: ``(key, token, ttl_ms)`` of the lease to take for a message as it is received, or None.
+LeaseOnReceipt = Callable[[Any], "tuple[str, str, int] | None"]
+
+
+def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
+    """Take the lease ``lease_of(message)`` names in the transaction that receives the message.
+
+    The worker's main process calls this once its tasks are registered (the last call
+    wins). On success the message's headers get the token and when it was taken; headers of
+    those names that came with the message are dropped first, whatever ``lease_of`` says:
+    only this process writes them. A ``SET`` that fails or errs leaves the message as kombu
+    would: its pool process then takes the lease itself.
+    """
+    import redis
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport import virtual
+    from kombu.utils.json import dumps
+
+    qos: Any = kombu_redis.QoS
+    original = getattr(qos.append, "_eventbus_original", qos.append)
+
+    def append(self: Any, message: Any, delivery_tag: Any) -> None:
+        headers = message.headers
+        if headers is None:
+            return original(self, message, delivery_tag)  # type: ignore[no-any-return]
+        if LEASE_HEADER in headers or LEASE_AT_HEADER in headers:
+            headers.pop(LEASE_HEADER, None)
+            headers.pop(LEASE_AT_HEADER, None)
+        lease = lease_of(message)
+        if lease is None:
+            return original(self, message, delivery_tag)  # type: ignore[no-any-return]
+        key, token, ttl_ms = lease
+        delivery = message.delivery_info
+        # kombu's own append, with the lease's SET NX in its transaction.
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+            pipe.hset(self.unacked_key, delivery_tag, raw)
+            # Past kombu's global_keyprefix: the lease is the bus's key, not one of kombu's.
+            redis.client.Pipeline.execute_command(pipe, "SET", key, token, "NX", "PX", ttl_ms)  # type: ignore[no-untyped-call]
+            noted, stored, taken = pipe.execute(raise_on_error=False)
+        for reply in (noted, stored):
+            if isinstance(reply, Exception):
+                raise reply  # what kombu's own append raises
+        virtual.QoS.append(self, message, delivery_tag)
+        if taken is True:  # None: held or settled already; an error: the pool process will see
+            headers[LEASE_HEADER], headers[LEASE_AT_HEADER] = token, time.monotonic()
+
+    append._eventbus_original = original  # type: ignore[attr-defined]
+    qos.append = append
 
 
 def _reuse_clients(channel_class: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["LeaseKeeper", "keeper", "new_token"]
+__all__ = ["LEASE_AT_HEADER", "LEASE_HEADER", "LeaseKeeper", "keeper", "new_token"]
 
 log = logging.getLogger("eventbus.lease")
 
@@ -33,6 +33,15 @@ end
 return 0
 """
 
+
+# A first copy's lease, taken by the worker's main process as it received the message (on a
+# Redis broker, in the same transaction as kombu's own note of the message: see
+# project.kombu_fixes): its token, and when (time.monotonic(), which the main process and its
+# pool processes share). Written into the message's headers in that process only, after
+# kombu stored its copy of the message: they are never on the wire nor in a restored copy,
+# and the main process drops any that arrive.
+LEASE_HEADER = "eventbus_lease"
+LEASE_AT_HEADER = "eventbus_lease_at"
 
 _process: tuple[int, str] = (0, "")  # (pid, "host:pid:") of the process that named it
 
@@ -72,9 +81,12 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._next_wake = 0.0  # when the thread wakes next (under _lock)
 
-    def hold(self, client: redis.Redis, key: str, token: str, ttl_ms: int) -> None:
-        """Keep renewing ``key`` (already taken with ``token``) until :meth:`release`."""
-        due = time.monotonic() + ttl_ms / 3000
+    def hold(self, client: redis.Redis, key: str, token: str, ttl_ms: int, taken_at: float | None = None) -> None:
+        """Keep renewing ``key`` (already taken with ``token``) until :meth:`release`.
+
+        ``taken_at``: when it was taken or last renewed (``time.monotonic()``), if not now.
+        """
+        due = (time.monotonic() if taken_at is None else taken_at) + ttl_ms / 3000
         with self._lock:
             self._held[key] = _Held(client, token, ttl_ms, due)
             if self._thread is None or not self._thread.is_alive():
@@ -84,6 +96,21 @@ class LeaseKeeper:
             wake = due < self._next_wake
         if wake:
             self._wake.set()
+
+    def adopt(self, client: redis.Redis, key: str, token: str, ttl_ms: int, taken_at: float) -> bool:
+        """Hold ``key``, which another process of this host took with ``token`` at ``taken_at``.
+
+        While a third of its lifetime has not passed, that is all: no command. Later, it is
+        renewed first, and only if it still holds ``token``; False if it does not (it lapsed,
+        and may be another's), and then nothing is held.
+        """
+        age = time.monotonic() - taken_at
+        if not 0 <= age < ttl_ms / 3000:
+            if not client.eval(_RENEW_LUA, 1, key, token, ttl_ms):
+                return False
+            taken_at = time.monotonic()
+        self.hold(client, key, token, ttl_ms, taken_at)
+        return True
 
     def token(self, key: str) -> str | None:
         """The token this process holds ``key`` with, if it does."""

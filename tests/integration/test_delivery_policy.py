@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from project.lease import LEASE_AT_HEADER, LEASE_HEADER
 from project.messages import FIRST_HEADER, delivery_task_id, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import ROOT, Stack
@@ -186,6 +189,54 @@ def test_the_first_copy_runs_on_its_lease_alone_and_settles_in_it(stack: Stack) 
         )  # fmt: skip
     wait_for(lambda: stack.log("worker").count("this copy is skipped") == 3, what="both copies skipped")
     assert stack.runs() == {f"{event_id}:long_runner": 1}
+
+
+def _holder_pid(stack: Stack, lease: str) -> int:
+    """The pid in the token that holds ``lease`` (``host:pid:nonce``), once a handler holds it."""
+    wait_for(lambda: (stack.redis.get(lease) or b"done") != b"done", what="the handler holding its lease")
+    return int(stack.redis.get(lease).decode().split(":")[-2])  # type: ignore[union-attr]
+
+
+def _parent_pid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+
+
+@pytest.mark.brokers("redis", "rabbitmq")
+def test_a_first_copys_lease_is_taken_as_the_worker_receives_it_on_a_redis_broker(stack: Stack) -> None:
+    # On a Redis broker the worker's main process takes a first copy's lease in the
+    # transaction that notes the message unacknowledged, and the pool process that runs it
+    # adopts it: no round trip of its own before the handler. So the token names the main
+    # process. On RabbitMQ the pool process takes it, as every copy's.
+    worker = stack.start_worker(queues="gamma")
+    stack.start_router()
+    bus = stack.bus()
+    keys = bus.keys.scoped("policy.long.requested")
+    event_id = bus.publish_sync("policy.long.requested", {"sleep_s": 1.5})
+    lease = keys.lease(delivery_task_id(event_id, f"{APP}.long_runner"))
+    holder = _holder_pid(stack, lease)
+    if stack.settings.broker_is_amqp:
+        assert holder != worker.pid and _parent_pid(holder) == worker.pid
+    else:
+        assert holder == worker.pid
+    assert 0 < stack.redis.pttl(lease) <= stack.settings.delivery_lease_s * 1000
+    assert _delivery(stack, event_id, "long_runner", "succeeded").attempts == 1  # type: ignore[attr-defined]
+    assert stack.redis.get(lease) == b"done"
+
+    # Headers that claim a lease, sent with a message, are not trusted: on a Redis broker the
+    # main process drops them, on RabbitMQ the pool process ignores them. A first copy sent
+    # again with them (a fresh time, as the main process would write: this host's clock) is
+    # skipped, as any copy of a settled delivery.
+    [(_, fields)] = stack.redis.xrange(keys.stream)
+    forged = task_message(
+        task_name=f"{APP}.long_runner", task_id=delivery_task_id(event_id, f"{APP}.long_runner"), queue="gamma",
+        envelope_json=fields[b"e"].decode(), event_type="policy.long.requested", event_id=event_id, first=True,
+    )  # fmt: skip
+    forged.headers[LEASE_HEADER], forged.headers[LEASE_AT_HEADER] = "forged:1:0", time.monotonic()
+    stack.send_copy(forged)
+    wait_for(lambda: "this copy is skipped" in stack.log("worker"), what="the forged copy skipped")
+    assert stack.runs() == {f"{event_id}:long_runner": 1}
+    assert stack.redis.get(lease) == b"done"
 
 
 def test_a_first_copy_restored_before_it_started_still_runs_with_no_retries_left(stack: Stack) -> None:

@@ -71,3 +71,30 @@ def test_a_lease_taken_by_another_holder_is_reported_lost_not_extended(
     wait_for(lambda: "was lost" in caplog.text, timeout_s=3, what="the loss to be logged")
     assert client.pttl(key) <= 5000 and client.get(key) == b"someone-else"
     keeper.release(key)
+
+
+def test_a_lease_taken_by_another_process_is_adopted_without_a_command_while_fresh(client: redis.Redis) -> None:
+    # What a pool process does with the lease its worker's main process took on receipt.
+    keeper = LeaseKeeper()
+    key, token = _lease(client, 3000)
+    time.sleep(0.3)
+    assert keeper.adopt(client, key, token, 3000, taken_at=time.monotonic() - 0.3)
+    assert client.pttl(key) < 2800  # not renewed: a third of its lifetime has not passed
+    assert keeper.token(key) == token
+    # Renewed a third of its lifetime after it was taken, not after it was adopted.
+    wait_for(lambda: client.pttl(key) > 2800, timeout_s=2, interval_s=0.02, what="the renewal")
+    keeper.release(key)
+
+
+def test_a_lease_adopted_late_is_renewed_first_and_only_if_still_the_takers(client: redis.Redis) -> None:
+    keeper = LeaseKeeper()
+    key, token = _lease(client, 3000)
+    time.sleep(0.3)
+    assert keeper.adopt(client, key, token, 3000, taken_at=time.monotonic() - 2.0)  # a third has passed
+    assert client.pttl(key) > 2800 and keeper.token(key) == token
+    keeper.release(key)
+    # Lapsed, and taken by another copy meanwhile: not adopted, not renewed, not held.
+    client.set(key, "another-copy", px=5000)
+    assert not keeper.adopt(client, key, token, 3000, taken_at=time.monotonic() - 2.0)
+    assert client.get(key) == b"another-copy" and client.pttl(key) <= 5000
+    assert keeper.token(key) is None
