@@ -728,14 +728,19 @@ class Router:
         """Now on the Redis server's clock, which gives entry ids their times, in ms.
 
         This host's clock plus an offset that Redis' TIME gives once a minute: a router host
-        whose clock is behind would take old entries for fresh ones. Should TIME fail, the
-        last offset stays (the router's own commands fail as well then).
+        whose clock is behind would take old entries for fresh ones. On a Redis Cluster, the
+        TIME of the master that holds the stream: another node's clock may differ. Should
+        TIME fail, the last offset stays (the router's own commands fail as well then).
         """
         now = time.time()
         if now >= self._clock_due:
             self._clock_due = now + 60.0
             try:
-                seconds, micros = self.client.time()
+                if self.keys.cluster:  # the clock of the master that gives this stream's ids
+                    node = self.client.get_node_from_key(self.keys.stream)  # type: ignore[union-attr]
+                    seconds, micros = self.client.execute_command("TIME", target_nodes=node)
+                else:
+                    seconds, micros = self.client.time()
                 after = time.time()
                 self._clock_offset_ms = (seconds + micros / 1e6 - (now + after) / 2) * 1000
             except (redis.RedisError, TypeError, ValueError) as exc:  # a cluster's reply shape, say

@@ -135,3 +135,38 @@ def test_a_cluster_with_celery_queues_in_redis_is_refused(cluster_session: Redis
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def test_a_scopes_router_reads_the_clock_of_the_master_that_holds_its_stream(stack: Stack) -> None:
+    # Entry ids carry the time of the master that wrote them; the router's look at an
+    # entry's age must use that master's clock, not a node picked at random.
+    # A scope whose stream is not on the client's default node, where a command without a
+    # key may go.
+    client: redis.cluster.RedisCluster = stack.redis  # type: ignore[assignment]
+    keys = stack.bus().keys
+    scope = next(
+        f"clock{i}" for i in range(100)
+        if client.get_node_from_key(keys.of_scope(f"clock{i}").stream).name != client.get_default_node().name
+    )  # fmt: skip
+    router = Router(stack.settings, Registry(), client=client, scope=scope)
+    try:
+        master = client.get_node_from_key(router.keys.stream)
+
+        def calls() -> dict[str, int]:
+            return {
+                node.name: int(client.info("commandstats", target_nodes=node).get("cmdstat_time", {}).get("calls", 0))
+                for node in client.get_primaries()
+            }
+
+        before = calls()
+        for _ in range(5):
+            router._clock_due = 0.0  # due again: as once a minute
+            router._server_ms()
+        after = calls()
+        assert after[master.name] - before[master.name] == 5
+        assert {name: after[name] - before[name] for name in after if name != master.name} == dict.fromkeys(
+            (name for name in after if name != master.name), 0
+        )
+    finally:
+        if router.sender is not None:
+            router.sender.close()
