@@ -92,6 +92,10 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
     from kombu.utils.json import dumps
 
     qos: Any = kombu_redis.QoS
+    if not all(hasattr(qos, name) for name in ("pipe_or_acquire", "unacked_key", "unacked_index_key")):
+        # A kombu whose append is not the one copied below: its pool processes take leases.
+        log.warning("kombu's Redis QoS has changed shape; first copies' leases are taken by the pool processes")
+        return
     original = getattr(qos.append, "_eventbus_original", qos.append)
 
     def append(self: Any, message: Any, delivery_tag: Any) -> None:
