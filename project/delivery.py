@@ -536,9 +536,10 @@ def _lease_of(bus: EventBus) -> Any:
         headers = message.headers
         if amqp or not headers.get(FIRST_HEADER) or headers.get("redelivered"):
             return None
-        if message.delivery_info.get("redelivered") or bus.keys.cluster:
+        task_id = headers.get("id")
+        if type(task_id) is not str or (message.delivery_info or {}).get("redelivered") or bus.keys.cluster:
             return None
-        return bus.keys.lease(str(headers.get("id"))), new_token(), lease_ms
+        return bus.keys.lease(task_id), new_token(), lease_ms
 
     return lease_of
 

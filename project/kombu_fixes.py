@@ -100,12 +100,16 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
 
     def append(self: Any, message: Any, delivery_tag: Any) -> None:
         headers = message.headers
-        if headers is None:
+        if not isinstance(headers, dict):  # none, or malformed: Celery refuses it after this
             return original(self, message, delivery_tag)  # type: ignore[no-any-return]
         if LEASE_HEADER in headers or LEASE_AT_HEADER in headers:
             headers.pop(LEASE_HEADER, None)
             headers.pop(LEASE_AT_HEADER, None)
-        lease = lease_of(message)
+        try:
+            lease = lease_of(message)
+        except Exception:  # a message kombu would note must still be noted
+            log.exception("cannot tell which lease to take for a message received; its pool process will take it")
+            lease = None
         if lease is None:
             return original(self, message, delivery_tag)  # type: ignore[no-any-return]
         key, token, ttl_ms = lease
