@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from project import kombu_fixes
+from project import kombu_fixes, malformed
 from project import signals as recording
 from project.delivery import register_tasks
 from project.events import event_bus
@@ -25,6 +25,7 @@ app = Celery("project")
 app.config_from_object("celeryconfig")
 recording.connect()
 kombu_fixes.apply()
+malformed.apply()  # a message no router wrote never ends a worker
 
 
 def load_handlers() -> None:

@@ -180,12 +180,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_requeue_rejected(args: argparse.Namespace) -> int:
     """Send task messages that workers refused (unknown task) back to their queues."""
-    from project.rejected import requeue_rejected
+    from project.rejected import list_rejected, requeue_rejected
 
     done = requeue_rejected(event_bus, handler=args.handler, dry_run=args.dry_run)
     for r in done:
         print(f"{'would send' if args.dry_run else 'sent'} {r.task}[{r.task_id}] to {r.queue!r} ({r.reason})")
     print(f"{len(done)} {'would be sent' if args.dry_run else 'sent again'}", file=sys.stderr)
+    malformed = sum(r.malformed for r in list_rejected(event_bus))
+    if malformed:
+        print(
+            f"{malformed} malformed task messages stay in {event_bus.keys.rejected_tasks}: no worker can run them",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -291,7 +297,9 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     p.add_argument("--module", help="the publishing module (default: cli)")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("requeue-rejected", help="send tasks workers refused (unknown task) back to their queues")
+    p = sub.add_parser(
+        "requeue-rejected", help="send tasks of unknown handlers back to their queues (malformed ones stay)"
+    )
     p.add_argument("--handler", help="only the tasks of this handler (task name)")
     p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
     p.set_defaults(func=cmd_requeue_rejected)

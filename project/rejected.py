@@ -1,10 +1,12 @@
-"""Task messages a worker refused (no such task there), kept whole and sent again on request.
+"""Task messages a worker refused, kept whole; those of an unknown task are sent again on request.
 
 A worker that does not know a task (a rolling deploy where the router has a handler the
 workers do not have yet, or a typo in ``EVENT_HANDLER_MODULES``) would drop its message.
 The ``task_unknown`` receiver (:mod:`project.signals`) keeps it in ``<prefix>:rejected-tasks``
 and records the delivery ``rejected``; :func:`requeue_rejected` puts such messages back on
-their queues once workers have the handler.
+their queues once workers have the handler. A message a worker could not read at all
+(:mod:`project.malformed`) is kept in the same stream, marked ``malformed``: it is listed with
+the rest, and never sent again, since it would fail the same way.
 
 On a Redis Cluster the rejected-tasks stream is one for the environment while each delivery's
 record goes to its event's scope (another slot): no transaction can hold both, so the
@@ -25,6 +27,7 @@ from typing import Any
 from project.broker import sender_for
 from project.bus import EventBus
 from project.keys import Keys
+from project.malformed import MALFORMED_FIELD
 from project.messages import TaskMessage
 from project.records import delivery_record
 from project.redis_conn import require_amqp_on_cluster
@@ -42,6 +45,11 @@ class RejectedTask:
     queue: str
     reason: str
     fields: dict[str, str]
+
+    @property
+    def malformed(self) -> bool:
+        """A message no worker could read (:mod:`project.malformed`): kept to be looked at, not sent."""
+        return self.fields.get(MALFORMED_FIELD) == "1"
 
 
 def _text(value: Any) -> str:
@@ -67,11 +75,13 @@ def list_rejected(bus: EventBus, handler: str | None = None, count: int = 10_000
 def requeue_rejected(bus: EventBus, handler: str | None = None, dry_run: bool = False) -> list[RejectedTask]:
     """Send the kept messages (of ``handler``, or all) back to their queues; return them.
 
+    Malformed messages are not sent, nor returned: they stay in the stream.
+
     Each message goes back with its task id, so a worker runs it once as usual; the entry
     leaves the rejected-tasks stream in the same transaction (on a Redis Cluster, right after:
     see the module's docstring), and the delivery is recorded ``dispatched`` again.
     """
-    rejected = list_rejected(bus, handler)
+    rejected = [r for r in list_rejected(bus, handler) if not r.malformed]
     if dry_run or not rejected:
         return rejected
     keys = bus.keys

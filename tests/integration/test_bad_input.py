@@ -8,10 +8,15 @@ import os
 import pickle
 import uuid
 from pathlib import Path
+from typing import Any
 
-from project.messages import build_task_message, delivery_task_id
+import pytest
+
+from project.messages import TaskMessage, build_task_message, delivery_task_id
+from project.rejected import list_rejected, requeue_rejected
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
+from tests.rabbitmq import BROKERS
 
 
 def _valid(**overrides: object) -> dict[str, object]:
@@ -165,3 +170,145 @@ def test_task_arriving_again_after_success_is_skipped(stack: Stack) -> None:
 
 def _state(stack: Stack, delivery_key: str) -> bytes | None:
     return stack.redis.hget(delivery_key, "state")  # type: ignore[return-value]
+
+
+class _Delete:
+    """A field :func:`_variant` removes."""
+
+
+_DELETE = _Delete()
+
+
+def _valid_task(task_id: str | None = None) -> dict[str, Any]:
+    """A task message as the router writes it onto a Redis queue (kombu's JSON form)."""
+    task_id = task_id or str(uuid.uuid4())
+    return json.loads(
+        build_task_message(
+            task_name="tests.integration.app.on_birth_data",
+            task_id=task_id,
+            queue="alpha",
+            envelope_json=json.dumps(_valid()),
+            event_type="user.birth_data.updated",
+            event_id=str(uuid.uuid4()),
+        )
+    )
+
+
+def _variant(message: dict[str, Any], **changes: object) -> dict[str, Any]:
+    """A copy of ``message`` with ``outer__inner`` fields set (or removed: ``_DELETE``)."""
+    message = json.loads(json.dumps(message))
+    for path, value in changes.items():
+        *outer, last = path.split("__")
+        target = message
+        for part in outer:
+            target = target[part]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+    return message
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _hostile_queue_entries() -> list[str | bytes]:
+    """Entries on a Redis queue that no router wrote, from not JSON at all to headers Celery trips on."""
+    good = _valid_task()
+
+    def variant(**changes: object) -> str:
+        fresh = _variant(good, properties__delivery_tag=str(uuid.uuid4()))  # kombu's tags are unique
+        return json.dumps(_variant(fresh, **changes))
+
+    return [
+        "{not json",
+        b"\xff\xfe not UTF-8",
+        "[1, 2, 3]",
+        "null",
+        json.dumps("a string"),
+        variant(headers="a string"),
+        variant(headers=[1, 2]),
+        variant(headers=_DELETE),
+        variant(headers__id=["a", "list"]),
+        variant(headers__id={"a": "dict"}),
+        variant(headers__id=_DELETE),
+        variant(headers__task=["a", "list"]),
+        variant(headers__task="no.such.task"),
+        variant(headers__eta="tomorrow"),
+        variant(headers__expires="never"),
+        variant(headers__timelimit="long"),
+        variant(properties="a string"),
+        variant(properties=_DELETE),
+        variant(properties__delivery_info="a string"),
+        variant(properties__delivery_tag=["x"]),
+        variant(properties__body_encoding="rot13"),
+        variant(body="%%% not base64 %%%"),
+        variant(body=_b64(b"\xff\xfe binary")),
+        variant(body=_b64(b"{}")),
+        variant(**{"content-type": "application/x-yaml"}),
+        variant(**{"content-type": ["json"]}),
+    ]
+
+
+def test_queue_entries_no_router_wrote_are_kept_and_never_stop_a_worker(stack: Stack) -> None:
+    # Before, the first of these ended the worker's main process: "Unrecoverable error".
+    stack.start_worker(queues="alpha")
+    stack.start_router()
+    bus = stack.bus()
+    queue_key = bus.keys.celery_queue("alpha")
+    hostile = _hostile_queue_entries()
+    for i, raw in enumerate(hostile):
+        stack.redis.lpush(queue_key, raw)
+        event_id = bus.publish_sync("user.birth_data.updated", user_id=f"u{i}")
+        wait_for(lambda e=event_id: stack.runs().get(f"{e}:on_birth_data") == 1, what=f"an event after {raw!r}")
+        assert stack.procs["worker"].poll() is None, raw
+
+    kept = list_rejected(bus)
+    malformed = [r for r in kept if r.malformed]
+    # Every entry is kept but the unknown task's (kept as before, not malformed).
+    assert len(malformed) == len(hostile) - 1, [r.reason for r in kept]
+    assert [r.task for r in kept if not r.malformed] == ["no.such.task"]
+    raw_kept = {r.fields.get("raw") for r in malformed}
+    assert {"{not json", "[1, 2, 3]", "null", '"a string"'} <= raw_kept
+    assert "\ufffd\ufffd not UTF-8" in raw_kept  # bytes that are not UTF-8, as text
+    not_json = next(r for r in malformed if r.fields.get("raw") == "{not json")
+    assert not_json.queue == "alpha" and "not JSON" in not_json.reason
+    id_list = [r for r in malformed if '"id": ["a", "list"]' in r.fields.get("headers", "")]
+    assert len(id_list) == 1 and id_list[0].reason.startswith("malformed task message: TypeError")
+    assert stack.queue_length("alpha") == 0
+    assert not list(stack.redis.scan_iter(match="*unacked*")), "every entry was acknowledged"
+
+    # Sending the kept messages again sends the unknown task's only: the malformed ones stay.
+    sent = requeue_rejected(bus)
+    assert [r.task for r in sent] == ["no.such.task"]
+    assert len(list_rejected(bus)) == len(malformed)
+
+
+@pytest.mark.brokers(*BROKERS)
+def test_task_messages_celery_trips_on_are_kept_on_either_broker(stack: Stack) -> None:
+    stack.start_worker(queues="alpha")
+    stack.start_router()
+    bus = stack.bus()
+    headers = _valid_task()["headers"]
+    body = json.dumps([[_valid()], {}, {}]).encode()
+    cases = [
+        ({"id": ["a", "list"]}, body),
+        ({"task": ["a", "list"]}, body),
+        ({"id": _DELETE}, body),
+        ({"timelimit": "long"}, body),
+        ({"expires": "never"}, body),
+        ({}, b"{}"),
+    ]
+    for i, (changes, payload) in enumerate(cases):
+        task_headers = _variant(headers, **changes)
+        stack.send_copy(TaskMessage("alpha", str(uuid.uuid4()), payload, task_headers))
+        event_id = bus.publish_sync("user.birth_data.updated", user_id=f"u{i}")
+        wait_for(lambda e=event_id: stack.runs().get(f"{e}:on_birth_data") == 1, what=f"an event after {changes}")
+        assert stack.procs["worker"].poll() is None, changes
+
+    kept = list_rejected(bus)
+    assert all(r.malformed for r in kept) and len(kept) == len(cases), [r.reason for r in kept]
+    assert any('"id": ["a", "list"]' in r.fields["headers"] for r in kept)
+    assert sorted(base64.b64decode(r.fields["body"]) for r in kept) == sorted(p for _, p in cases)
+    assert stack.queue_length("alpha") == 0
