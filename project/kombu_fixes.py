@@ -1,6 +1,6 @@
-"""Three changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts,
-a client object built for every command the worker's main process sends, and a first copy's
-lease taken in the round trip that receives it.
+"""Three changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts
+(two paths of it), a client object built for every command the worker's main process sends,
+and a first copy's lease taken in the round trip that receives it.
 
 **Redis restarts.**
 When Redis goes away and the worker's consumer closes its broken connection, kombu's channel
@@ -11,6 +11,9 @@ path and the worker's main process exits, or stays up consuming nothing. The mes
 still in kombu's unacked hash in Redis, so nothing is lost by skipping the restore: the
 visibility-timeout sweep (``BROKER_RESTORE_INTERVAL_S``) puts them back. This patch does that,
 and says so in the log. Found by the fault-injection suite (Redis SIGKILLed and restarted).
+The same lookup breaks a message's acknowledgement through such a channel, when a pool
+process finishes its task after the connection went: that becomes a warning too, and the
+message returns after the visibility timeout (:func:`_settle_on_closed_channels`).
 
 **A client per command.** ``Channel.conn_or_acquire`` makes a new ``redis.Redis`` around the
 channel's connection pool for each operation: every task event Celery publishes, and the
@@ -47,10 +50,11 @@ log = logging.getLogger("eventbus.kombu_fixes")
 
 
 def apply() -> None:
-    """Patch ``QoS.restore_unacked`` and ``Channel.conn_or_acquire`` once (idempotent)."""
+    """Patch ``QoS.restore_unacked``, ``QoS.ack``/``reject`` and ``Channel.conn_or_acquire`` once (idempotent)."""
     from kombu.transport import redis as kombu_redis
 
     _reuse_clients(kombu_redis.Channel)
+    _settle_on_closed_channels(kombu_redis.QoS)
 
     original: Any = kombu_redis.QoS.restore_unacked
     if getattr(original, "_eventbus_patched", False):
@@ -131,6 +135,44 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
 
     append._eventbus_original = original  # type: ignore[attr-defined]
     qos.append = append
+
+
+def _settle_on_closed_channels(qos_class: Any) -> None:
+    """Make ``ack`` and ``reject`` of a message held by a channel that is closed a warning, not a crash.
+
+    The second path of the restart bug: a pool process finishes a task after the consumer's
+    channel lost its connection, and Celery acknowledges the message through that channel.
+    kombu looks up its connection pool, rebuilds it from the channel's connection, which is
+    gone, and raises ``AttributeError``; Celery only catches connection errors there, so the
+    worker's main process ends with ``Unrecoverable error``. The message is still in kombu's
+    unacked set: after the visibility timeout it comes back, and the delivery's done (or
+    dead) mark has its copy skipped. Only an ``AttributeError`` on a channel that is closed
+    (no connection) is caught; any other still raises.
+    """
+    from kombu.transport import virtual
+
+    for name in ("ack", "reject"):
+        original = getattr(qos_class, name)
+        if getattr(original, "_eventbus_patched", False):
+            continue
+
+        def settle(self: Any, delivery_tag: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            try:
+                _original(self, delivery_tag, *args, **kwargs)
+            except AttributeError as exc:
+                if getattr(self.channel, "connection", None) is not None:
+                    raise
+                virtual.QoS.ack(self, delivery_tag)  # forget it here; it stays in kombu's unacked set
+                log.warning(
+                    "cannot %s message %s: its channel is closed (%s); it stays unacknowledged and returns "
+                    "after the visibility timeout, when its delivery's mark decides",
+                    _original.__name__,
+                    delivery_tag,
+                    exc,
+                )
+
+        settle._eventbus_patched = True  # type: ignore[attr-defined]
+        setattr(qos_class, name, settle)
 
 
 def _reuse_clients(channel_class: Any) -> None:

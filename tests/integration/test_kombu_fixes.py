@@ -51,3 +51,46 @@ def test_a_channel_keeps_one_client_per_connection_pool_and_messages_still_flow(
         finally:
             queue.queue.delete()
             queue.close()
+
+
+def test_a_message_acknowledged_through_a_closed_channel_stays_unacknowledged_and_nothing_raises() -> None:
+    # A pool process finished the task after the consumer's connection broke: kombu rebuilt
+    # the pool from the closed channel and raised AttributeError, which ended the worker.
+    kombu_fixes.apply()
+    name = f"kombu-fixes-{uuid.uuid4().hex[:8]}"
+    options = {k: f"{name}:{k}" for k in ("unacked_key", "unacked_index_key", "unacked_mutex_key")}
+    conn = kombu.Connection(REDIS_URL, transport_options=options)
+    channel = conn.channel()
+    client = channel.client
+    queue = conn.SimpleQueue(name, channel=channel)
+    try:
+        queue.put({"n": 1})
+        queue.put({"n": 2})
+        first, second = queue.get(timeout=5), queue.get(timeout=5)
+        held = {first.delivery_tag, second.delivery_tag}
+        assert {t.decode() for t in client.hkeys(channel.unacked_key)} == held
+        # The connection breaks: kombu closes the channel and drops its pools.
+        client.delete(name)  # nothing left for the close to restore onto the queue
+        channel.qos.restore_unacked = lambda client=None: None  # this test looks at the unacked set as it was
+        conn.close()
+        channel._disconnect_pools()
+        assert channel.connection is None
+
+        first.ack()  # before the fix: AttributeError: 'NoneType' object has no attribute 'client'
+        second.reject(requeue=False)
+        after = kombu.Connection(REDIS_URL).channel().client
+        # Both stay in kombu's unacked set, for the visibility timeout to bring back.
+        assert {t.decode() for t in after.hkeys(options["unacked_key"])} == held
+    finally:
+        cleanup = kombu.Connection(REDIS_URL).channel().client
+        cleanup.delete(name, *options.values())
+
+
+def test_an_acknowledgement_that_fails_on_an_open_channel_still_raises() -> None:
+    kombu_fixes.apply()
+    with kombu.Connection(REDIS_URL) as conn:
+        channel = conn.channel()
+        # An AttributeError on a channel that is open is a bug to see, not one to hide.
+        channel.qos._remove_from_indices = lambda *args, **kwargs: None
+        with pytest.raises(AttributeError):
+            channel.qos.ack("no-such-tag")
