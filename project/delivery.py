@@ -299,7 +299,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         s, request = self.bus.settings, self.request
         client, keys = self._scripts_args(task_id, args)
-        token, lease_ms = new_token(), int(s.delivery_lease_s * 1000)
+        lease_ms = int(s.delivery_lease_s * 1000)
         first = bool(getattr(request, FIRST_HEADER, None))
         redelivered = first and bool((request.delivery_info or {}).get("redelivered") or request.get("redelivered"))
         # An attempt before this copy that no hash counts: a redelivered first copy's, which
@@ -309,15 +309,16 @@ class DeliveryTask(Task):  # type: ignore[misc]
             # A first copy that nothing runs or settled is taken with a bare SET NX: no attempt
             # preceded it, so there is nothing to count (see _START_LUA). On a Redis broker the
             # worker's main process took it already, as it received the message (_lease_of).
-            if first and not redelivered:
-                held = getattr(request, LEASE_HEADER, None)  # written by no one on RabbitMQ: ignored
-                if held and not s.broker_is_amqp and keeper.adopt(client, keys[1], held, lease_ms, _at(request)):
-                    self._attempts = (task_id, 1, True)
-                    return
-                if send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
-                    keeper.hold(client, keys[1], token, lease_ms)
-                    self._attempts = (task_id, 1, True)
-                    return
+            fresh = first and not redelivered
+            held = getattr(request, LEASE_HEADER, None) if fresh else None  # none is written on RabbitMQ
+            if held and not s.broker_is_amqp and keeper.adopt(client, keys[1], held, lease_ms, _at(request)):
+                self._attempts = (task_id, 1, True)
+                return
+            token = new_token()
+            if fresh and send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
+                keeper.hold(client, keys[1], token, lease_ms)
+                self._attempts = (task_id, 1, True)
+                return
             # The run ends within its hard time limit, and its done mark must live the done ttl after.
             ttl_s = s.delivery_done_ttl_s + math.ceil(self.time_limit or s.delivery_time_limit_s)
             reply: Any = _START(client, keys, token, lease_ms, self.max_attempts, ttl_s, uncounted)
@@ -530,14 +531,17 @@ def _lease_of(bus: EventBus) -> Any:
     lease of a delivery's first copy that no broker redelivered, where the Redis that holds
     Celery's queues holds the leases too (on a Redis broker it is the event Redis; a Redis
     Cluster's keys live elsewhere)."""
-    lease_ms, amqp = int(bus.settings.delivery_lease_s * 1000), bus.settings.broker_is_amqp
+    lease_ms = int(bus.settings.delivery_lease_s * 1000)
+    # On RabbitMQ no message passes kombu's Redis QoS; a Redis Cluster's keys are not in the
+    # Redis that holds Celery's queues (and the settings refuse Celery's queues on one).
+    never = bus.settings.broker_is_amqp or bus.keys.cluster
 
     def lease_of(message: Any) -> tuple[str, str, int] | None:
         headers = message.headers
-        if amqp or not headers.get(FIRST_HEADER) or headers.get("redelivered"):
+        if never or not headers.get(FIRST_HEADER) or headers.get("redelivered"):
             return None
         task_id = headers.get("id")
-        if type(task_id) is not str or (message.delivery_info or {}).get("redelivered") or bus.keys.cluster:
+        if type(task_id) is not str or (message.delivery_info or {}).get("redelivered"):
             return None
         return bus.keys.lease(task_id), new_token(), lease_ms
 
