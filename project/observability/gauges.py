@@ -1,5 +1,5 @@
 """Gauges read from Redis when Prometheus scrapes: the router's lag, the log buffer, the
-dead-letter and set-aside streams.
+dead-letter, rejected-tasks and set-aside streams.
 
 They describe shared state, not the process, so they are computed at scrape time (a few
 O(1) or O(log n) commands) instead of being kept up to date on the dispatch path. Every
@@ -127,6 +127,12 @@ class RouterGauges(_RedisGauges):
             "eventbus_dead_letter_entries",
             "Entries in the dead-letter stream (malformed or refused events, with their reason).",
             dead,
+        )
+        # One stream for the environment, also on a cluster (not a scope's).
+        yield self._gauge(
+            "eventbus_rejected_task_messages",
+            "Task messages workers refused and kept in rejected-tasks (an unknown task, or a malformed message).",
+            int(self.client.xlen(self.keys.rejected_tasks)),
         )
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import sys
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from project.messages import TaskMessage, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
 
@@ -85,6 +87,12 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
     bus.publish_sync("doomed.job.requested", {})  # 3 attempts, dead, then a module.error
     # dead-lettered (on a cluster, in the user scope's stream)
     stack.redis.xadd(stack.bus().keys.scoped("user.birth_data.updated").stream, {"e": b"not json"})
+    # a task message no worker can read (an id that is a list): kept in rejected-tasks
+    bad = task_message(
+        task_name=f"{APP}.on_birth_data", task_id=str(uuid.uuid4()), queue="alpha", envelope_json="{}",
+        event_type="user.birth_data.updated", event_id=str(uuid.uuid4()),
+    )  # fmt: skip
+    stack.send_copy(TaskMessage("alpha", bad.task_id, bad.body, {**bad.headers, "id": ["a", "list"]}))
 
     events = 2 + births + storms + 2 + 1  # + the module.error a worker publishes
     deliveries = 2 + births + 3 * storms + 1 + 1 + 1
@@ -94,6 +102,7 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
         timeout_s=60,
     )
     stack.settle()
+    wait_for(lambda: stack.redis.xlen(stack.bus().keys.rejected_tasks) == 1, what="the malformed message kept")
     h = "tests.integration.app."
 
     router = _wait_scrape(
@@ -111,6 +120,7 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
     assert _value(router, "eventbus_router_pending_entries") == 0
     assert _value(router, "eventbus_router_oldest_unacked_age_seconds") == 0
     assert _value(router, "eventbus_dead_letter_entries") == 1
+    assert _value(router, "eventbus_rejected_task_messages") == 1
 
     worker = _wait_scrape(
         worker_port,
