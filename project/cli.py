@@ -195,6 +195,20 @@ def cmd_requeue_rejected(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rejected(args: argparse.Namespace) -> int:
+    """List the task messages workers refused and kept; with ``--drop-malformed``, delete the malformed ones."""
+    from project.rejected import drop_malformed, list_rejected
+
+    kept = list_rejected(event_bus, handler=args.handler)
+    for r in kept:
+        what = "malformed" if r.malformed else f"{r.task}[{r.task_id}]"
+        print(f"{r.entry_id}  {what}  queue={r.queue!r}  {r.reason}")
+    print(f"{len(kept)} kept in {event_bus.keys.rejected_tasks}", file=sys.stderr)
+    if args.drop_malformed:
+        print(f"{len(drop_malformed(event_bus))} malformed deleted", file=sys.stderr)
+    return 0
+
+
 def cmd_routes(args: argparse.Namespace) -> int:
     """Print every subscription: pattern(s), handler, queue."""
     event_bus.load_modules()
@@ -303,6 +317,11 @@ def _parser() -> tuple[argparse.ArgumentParser, Subcommands]:
     p.add_argument("--handler", help="only the tasks of this handler (task name)")
     p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
     p.set_defaults(func=cmd_requeue_rejected)
+
+    p = sub.add_parser("rejected", help="list the task messages workers refused and kept")
+    p.add_argument("--handler", help="only the tasks of this handler (task name)")
+    p.add_argument("--drop-malformed", action="store_true", help="then delete the malformed ones")
+    p.set_defaults(func=cmd_rejected)
 
     p = sub.add_parser("routes", help="list every subscription")
     p.set_defaults(func=cmd_routes)

@@ -32,7 +32,7 @@ from project.messages import TaskMessage
 from project.records import delivery_record
 from project.redis_conn import require_amqp_on_cluster
 
-__all__ = ["RejectedTask", "list_rejected", "requeue_rejected"]
+__all__ = ["RejectedTask", "drop_malformed", "list_rejected", "requeue_rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,14 @@ def requeue_rejected(bus: EventBus, handler: str | None = None, dry_run: bool = 
             pipe.xadd(keys.log_buffer, {"r": _dispatched(event[0], r)})
     pipe.execute()
     return rejected
+
+
+def drop_malformed(bus: EventBus) -> list[RejectedTask]:
+    """Delete the malformed messages from the rejected-tasks stream (once looked at); return them."""
+    malformed = [r for r in list_rejected(bus) if r.malformed]
+    if malformed:
+        bus.sync_client().xdel(bus.keys.rejected_tasks, *(r.entry_id for r in malformed))
+    return malformed
 
 
 def _event_of(task: TaskMessage) -> tuple[str, str] | None:

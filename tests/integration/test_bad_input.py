@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import pickle
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from project.messages import TaskMessage, build_task_message, delivery_task_id
 from project.rejected import list_rejected, requeue_rejected
 from tests.conftest import wait_for
-from tests.integration.conftest import Stack
+from tests.integration.conftest import ROOT, Stack
 from tests.rabbitmq import BROKERS
 
 
@@ -283,6 +285,20 @@ def test_queue_entries_no_router_wrote_are_kept_and_never_stop_a_worker(stack: S
     sent = requeue_rejected(bus)
     assert [r.task for r in sent] == ["no.such.task"]
     assert len(list_rejected(bus)) == len(malformed)
+
+    # An operator lists them, then deletes them.
+    env = {**stack.env, "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "project.cli", "rejected"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    lines = listed.stdout.splitlines()  # (and the unknown task's, if this worker refused it again already)
+    assert len([line for line in lines if "  malformed  " in line]) == len(malformed)
+    assert any("not JSON" in line and "queue='alpha'" in line for line in lines)
+    subprocess.run(
+        [sys.executable, "-m", "project.cli", "rejected", "--drop-malformed"], cwd=ROOT, env=env, check=True,
+        capture_output=True,
+    )  # fmt: skip
+    assert not any(r.malformed for r in list_rejected(bus))
 
 
 @pytest.mark.brokers(*BROKERS)
