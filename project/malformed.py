@@ -131,7 +131,12 @@ def _guard_virtual_receive() -> None:
         self.connection._callbacks[queue] = on_raw_message
         return result
 
-    original_reject = virtual.Transport._reject_inbound_message
+    basic_consume._eventbus_patched = True  # type: ignore[attr-defined]
+    channel.basic_consume = basic_consume
+
+    original_reject = getattr(virtual.Transport, "_reject_inbound_message", None)
+    if original_reject is None:  # a kombu without it: a message for a queue no longer consumed is its own
+        return
 
     def _reject_inbound_message(self: Any, raw: Any) -> None:
         # A message for a queue no longer consumed goes back; one that is no message is kept.
@@ -145,8 +150,6 @@ def _guard_virtual_receive() -> None:
         except Exception as exc:
             _keep_raw("", raw, f"{type(exc).__name__}: {exc}")
 
-    basic_consume._eventbus_patched = True  # type: ignore[attr-defined]
-    channel.basic_consume = basic_consume
     virtual.Transport._reject_inbound_message = _reject_inbound_message  # type: ignore[method-assign]
 
 
@@ -180,8 +183,7 @@ def _guard_task_handler() -> None:
 
     def on_decode_error(self: Any, message: Any, exc: Exception) -> None:
         # Celery logs the message and acknowledges it (drops it): keep it first.
-        fields, whole = _message_fields(message)
-        _keep(fields, f"refused by Celery: cannot decode its body: {type(exc).__name__}: {exc}", whole)
+        _keep_message(message, f"refused by Celery: cannot decode its body: {type(exc).__name__}: {exc}")
         original_decode_error(self, message, exc)
 
     create_task_handler._eventbus_patched = True  # type: ignore[attr-defined]
@@ -229,8 +231,7 @@ def _keep_raw(queue: str, raw: Any, reason: str) -> None:
 
 def _refuse(message: Any, exc: Exception, errors: tuple[type[BaseException], ...]) -> None:
     """Keep a message Celery's handler raised on, then acknowledge it (left if not kept)."""
-    fields, whole = _message_fields(message)
-    if not _keep(fields, f"{type(exc).__name__}: {exc}", whole):
+    if not _keep_message(message, f"{type(exc).__name__}: {exc}"):
         return  # unacknowledged: the broker delivers it again, and it is kept then
     if not message.acknowledged:
         message.ack_log_error(log, errors)
@@ -238,11 +239,19 @@ def _refuse(message: Any, exc: Exception, errors: tuple[type[BaseException], ...
 
 def _on_rejected(sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
     """Celery refused and dropped a message (not a task message, or an invalid one): keep it."""
-    if message is None:
-        return
-    reason = "not a task message (no task header)" if exc is None else f"{type(exc).__name__}: {exc}"
-    fields, whole = _message_fields(message)
-    _keep(fields, f"refused by Celery: {reason}", whole)
+    if message is not None:
+        reason = "not a task message (no task header)" if exc is None else f"{type(exc).__name__}: {exc}"
+        _keep_message(message, f"refused by Celery: {reason}")
+
+
+def _keep_message(message: Any, reason: str) -> bool:
+    """Keep a received message (:func:`_keep`); False if it is not kept, whatever went wrong."""
+    try:
+        fields, whole = _message_fields(message)
+    except Exception:  # nothing about keeping a message may stop the worker's handling of it
+        log.exception("could not read a malformed task message to keep it (%s)", reason)
+        return False
+    return _keep(fields, reason, whole)
 
 
 def _message_fields(message: Any) -> tuple[dict[str, str], str]:
