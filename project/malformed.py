@@ -20,10 +20,11 @@ the worker goes on. ``eventbus requeue-rejected`` leaves malformed entries where
 through untouched, to Celery's reconnect path (but not ``KeyError``, which kombu counts as
 one: see :func:`_broker_errors`).
 
-If the stream cannot take the message (Redis is down), the worker logs it whole. A message
-Celery had received stays unacknowledged, so the broker delivers it again (kombu's
-visibility timeout on Redis, a new channel on RabbitMQ); a Redis entry kombu could not
-even decode was popped already and survives only in that log line.
+If the stream cannot take the message (Redis is down), the worker logs it whole and goes on
+as if it were kept: that log line is then all that is left of it. Left unacknowledged, it
+would hold one of the worker's prefetch slots for as long as the channel lives, and a few
+such messages would stop the worker taking any; sent back to the queue, it would come
+straight back while Redis is down.
 
 Messages Celery refuses by itself, with a log line, and drops (``task_rejected``: not a task
 message, an ETA or expiry that is not a date, a content type it does not accept; and a body
@@ -230,10 +231,9 @@ def _keep_raw(queue: str, raw: Any, reason: str) -> None:
 
 
 def _refuse(message: Any, exc: Exception, errors: tuple[type[BaseException], ...]) -> None:
-    """Keep a message Celery's handler raised on, then acknowledge it (left if not kept)."""
-    if not _keep_message(message, f"{type(exc).__name__}: {exc}"):
-        return  # unacknowledged: the broker delivers it again, and it is kept then
-    if not message.acknowledged:
+    """Keep a message Celery's handler raised on (or log it whole), then acknowledge it."""
+    _keep_message(message, f"{type(exc).__name__}: {exc}")
+    if not message.acknowledged:  # also when not kept: see the module's docstring
         message.ack_log_error(log, errors)
 
 
@@ -279,14 +279,18 @@ def _keep(fields: dict[str, str], reason: str, whole: str) -> bool:
     """XADD a malformed message to rejected-tasks; log it whole instead if that fails."""
     from project.events import event_bus
 
-    stream = event_bus.keys.rejected_tasks
     reason = f"malformed task message: {reason}"[:2000]
     try:
+        stream = event_bus.keys.rejected_tasks  # (the first use of the keys may ask Redis too)
         entry: dict[Any, Any] = {"task": "", "id": "", **fields}
         entry.update(reason=reason, at=f"{time.time():.6f}", **{MALFORMED_FIELD: "1"})
         event_bus.sync_client().xadd(stream, entry)
     except Exception:
-        log.exception("could not keep a malformed task message (%s); it was: %s", reason, whole[:_KEPT_TEXT_MAX])
+        log.exception(
+            "could not keep a malformed task message (%s); dropped, and this is all that is left of it: %s",
+            reason,
+            whole[:_KEPT_TEXT_MAX],
+        )
         return False
     log.error("%s on queue %r: kept in %s, not run", reason, fields.get("queue", ""), stream)
     return True

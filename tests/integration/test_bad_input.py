@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import uuid
@@ -328,3 +329,24 @@ def test_task_messages_celery_trips_on_are_kept_on_either_broker(stack: Stack) -
     assert any('"id": ["a", "list"]' in r.fields["headers"] for r in kept)
     assert sorted(base64.b64decode(r.fields["body"]) for r in kept) == sorted(p for _, p in cases)
     assert stack.queue_length("alpha") == 0
+
+
+@pytest.mark.brokers("rabbitmq")
+def test_malformed_messages_that_cannot_be_kept_are_dropped_and_the_worker_goes_on_taking_messages(
+    stack: Stack,
+) -> None:
+    # The events' Redis is unreachable from the worker (Celery's queues are on RabbitMQ):
+    # left unacknowledged, each message would hold one of its two prefetch slots for good.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens once closed
+    stack.start_worker(queues="alpha", REDIS_URL=nowhere)
+    body = json.dumps([[_valid()], {}, {}]).encode()
+    headers = _variant(_valid_task()["headers"], id=["a", "list"])
+    for _ in range(3):
+        stack.send_copy(TaskMessage("alpha", str(uuid.uuid4()), body, headers))
+    wait_for(lambda: stack.queue_length("alpha") == 0, what="the worker to take all three (it has two prefetch slots)")
+    wait_for(
+        lambda: stack.log("worker").count("all that is left of it") == 3, what="all three logged whole and dropped"
+    )
+    assert stack.procs["worker"].poll() is None
