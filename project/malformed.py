@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MALFORMED_FIELD", "Unreadable", "apply"]
+__all__ = ["MALFORMED_FIELD", "Unreadable", "apply", "message_fields"]
 
 log = logging.getLogger("eventbus.malformed")
 
@@ -119,7 +119,7 @@ def _guard_virtual_receive() -> None:
         # fault; what fails after (the broker's connection) fails as it did.
         def on_raw_message(raw: Any) -> Any:
             if isinstance(raw, Unreadable):
-                return _keep_raw(queue, raw, "")
+                return _keep_raw(queue, raw)
             try:
                 message = self.Message(raw, channel=self)
                 _check_envelope(message)
@@ -142,7 +142,7 @@ def _guard_virtual_receive() -> None:
     def _reject_inbound_message(self: Any, raw: Any) -> None:
         # A message for a queue no longer consumed goes back; one that is no message is kept.
         if isinstance(raw, Unreadable):
-            _keep_raw("", raw, "")
+            _keep_raw("", raw)
             return
         try:
             original_reject(self, raw)
@@ -167,7 +167,7 @@ def _guard_task_handler() -> None:
 
     def create_task_handler(self: Any, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handler = original(self, *args, **kwargs)
-        errors = _broker_errors(tuple(self.connection_errors) + tuple(getattr(self, "channel_errors", ())))
+        errors = _passed_through(self)
 
         def on_task_received(message: Any) -> Any:
             try:
@@ -193,8 +193,9 @@ def _guard_task_handler() -> None:
     signals.task_rejected.connect(_on_rejected, weak=False, dispatch_uid="eventbus.malformed.rejected")
 
 
-def _passed_through(transport: Any) -> tuple[type[BaseException], ...]:
-    errors = tuple(getattr(transport, "connection_errors", ())) + tuple(getattr(transport, "channel_errors", ()))
+def _passed_through(owner: Any) -> tuple[type[BaseException], ...]:
+    """The broker errors of a kombu transport or a Celery consumer that must reach Celery's reconnect."""
+    errors = tuple(getattr(owner, "connection_errors", ())) + tuple(getattr(owner, "channel_errors", ()))
     return _broker_errors(errors)
 
 
@@ -217,8 +218,9 @@ def _check_envelope(message: Any) -> None:
         raise ValueError(f"delivery_tag {message.delivery_tag!r} is not a string")
 
 
-def _keep_raw(queue: str, raw: Any, reason: str) -> None:
-    """Keep a queue entry kombu could not make a message of: ``Unreadable``, or what it decoded."""
+def _keep_raw(queue: str, raw: Any, reason: str = "") -> None:
+    """Keep a queue entry kombu could not make a message of: ``Unreadable`` (which says why),
+    or what it decoded and why that failed."""
     if isinstance(raw, Unreadable):
         text = raw.raw.decode("utf-8", "replace") if isinstance(raw.raw, bytes) else raw.raw
         reason = raw.error
@@ -244,38 +246,38 @@ def _on_rejected(sender: Any = None, message: Any = None, exc: BaseException | N
         _keep_message(message, f"refused by Celery: {reason}")
 
 
-def _keep_message(message: Any, reason: str) -> bool:
-    """Keep a received message (:func:`_keep`); False if it is not kept, whatever went wrong."""
+def _keep_message(message: Any, reason: str) -> None:
+    """Keep a received message (:func:`_keep`); log it if it cannot even be read."""
     try:
-        fields, whole = _message_fields(message)
+        fields = message_fields(message, limit=_KEPT_TEXT_MAX)
     except Exception:  # nothing about keeping a message may stop the worker's handling of it
         log.exception("could not read a malformed task message to keep it (%s)", reason)
-        return False
-    return _keep(fields, reason, whole)
+        return
+    _keep(fields, reason, f"headers {fields['headers']} body (base64) {fields['body']}")
 
 
-def _message_fields(message: Any) -> tuple[dict[str, str], str]:
-    """A received message's rejected-tasks fields, as signals.py keeps an unknown task's; and all of it, for a log."""
+def message_fields(message: Any, limit: int | None = None) -> dict[str, str]:
+    """A received kombu message as a rejected-tasks entry holds it: task, id, queue, headers
+    (JSON), body (base64) and content type; headers and body cut at ``limit`` if given."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     raw_body = message.body
     body = raw_body if isinstance(raw_body, bytes) else str(raw_body).encode("utf-8", "replace")
     delivery_info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
-    fields = {
+    return {
         "task": _str_or_empty(headers.get("task")),
         "id": _str_or_empty(headers.get("id")),
         "queue": _str_or_empty(delivery_info.get("routing_key")),
-        "headers": json.dumps(headers, default=repr)[:_KEPT_TEXT_MAX],
-        "body": base64.b64encode(body[:_KEPT_TEXT_MAX]).decode("ascii"),
+        "headers": json.dumps(headers, default=repr)[:limit],
+        "body": base64.b64encode(body[:limit]).decode("ascii"),
         "content_type": _str_or_empty(message.content_type),
     }
-    return fields, f"headers {fields['headers']} body {body!r}"
 
 
 def _str_or_empty(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _keep(fields: dict[str, str], reason: str, whole: str) -> bool:
+def _keep(fields: dict[str, str], reason: str, whole: str) -> None:
     """XADD a malformed message to rejected-tasks; log it whole instead if that fails."""
     from project.events import event_bus
 
@@ -291,6 +293,5 @@ def _keep(fields: dict[str, str], reason: str, whole: str) -> bool:
             reason,
             whole[:_KEPT_TEXT_MAX],
         )
-        return False
+        return
     log.error("%s on queue %r: kept in %s, not run", reason, fields.get("queue", ""), stream)
-    return True

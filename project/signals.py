@@ -14,7 +14,6 @@ dropped: its message is kept whole in ``<prefix>:rejected-tasks`` and the delive
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from celery import signals
 from project.bus import EventBus
 from project.delivery import DeliveryTask
 from project.events import event_bus
+from project.malformed import message_fields
 from project.observability import metrics
 from project.redis_conn import LuaScript
 
@@ -126,22 +126,16 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
 def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: Any = None, **_: Any) -> None:
     keys = event_bus.keys
     try:
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        queue = (message.delivery_info or {}).get("routing_key") or ""
-        args = json.loads(body)[0] if message.content_type == "application/json" else []
-        event_bus.sync_client().xadd(
-            keys.rejected_tasks,
-            {
-                "task": name or "",
-                "id": str(id or ""),
-                "queue": queue,
-                "headers": json.dumps(message.headers or {}, default=str),
-                "body": base64.b64encode(body).decode("ascii"),
-                "content_type": message.content_type or "",
-                "reason": f"no task {name!r} on this worker (EVENT_HANDLER_MODULES differs?)",
-                "at": f"{time.time():.6f}",
-            },
+        entry: dict[Any, Any] = message_fields(message)  # whole: requeue-rejected sends it again as it came
+        queue = entry["queue"]
+        args = json.loads(message.body)[0] if message.content_type == "application/json" else []
+        entry.update(
+            task=name or "",
+            id=str(id or ""),
+            reason=f"no task {name!r} on this worker (EVENT_HANDLER_MODULES differs?)",
+            at=f"{time.time():.6f}",
         )
+        event_bus.sync_client().xadd(keys.rejected_tasks, entry)
     except Exception:
         log.exception("could not keep the message of unknown task %s[%s]", name, id)
         return
