@@ -1,0 +1,290 @@
+"""A publish's span from project.observability.send_span is the span the SDK's start_span makes.
+
+Each test makes the same span twice with one tracer whose id generator hands out the same
+ids again: once with ``start_span``, once with :class:`SendSpans`, and compares what the
+exporter received, field by field, all but the times. The tracer provider is local to the
+test (never set globally: this process has no SDK provider, see test_tracing).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+from opentelemetry.util import types
+
+from project.observability import send_span
+from project.observability.send_span import SendSpans
+
+NAME = "send user.created"
+ATTRIBUTES = {
+    "messaging.system": "eventbus",
+    "messaging.destination.name": "user.created",
+    "messaging.operation.type": "send",
+    "messaging.operation.name": "publish",
+}
+EVENT_ID = "0b9b1c5e-4b7e-4a53-9a43-1c2f3e4d5a6b"
+
+
+class Replay(IdGenerator):
+    """The same trace and span ids after each ``rewind``: both ways of making a span get them."""
+
+    def __init__(self, trace_id: int = 0x0AF7651916CD43DD8448EB211C80319C) -> None:
+        self.trace_id, self.next_span, self.random = trace_id, 1, True
+
+    def is_trace_id_random(self) -> bool:
+        return self.random
+
+    def rewind(self) -> None:
+        self.next_span = 1
+
+    def generate_span_id(self) -> int:
+        self.next_span += 1
+        return 0x1000 + self.next_span
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+class Tagging(Sampler):
+    """Samples everything and adds an attribute of its own, which the SDK cleans."""
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), "sampler.tags": [1, 2]})
+
+    def get_description(self) -> str:
+        return "Tagging"
+
+
+class Setup:
+    def __init__(self, sampler: Sampler | None = None, limits: SpanLimits | None = None) -> None:
+        self.ids = Replay()
+        self.exporter = InMemorySpanExporter()
+        self.metrics = InMemoryMetricReader()
+        self.provider = TracerProvider(
+            sampler=sampler,
+            resource=Resource.create({"service.name": "publisher"}),
+            id_generator=self.ids,
+            span_limits=limits,
+            meter_provider=MeterProvider(metric_readers=[self.metrics]),
+        )
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer: Any = self.provider.get_tracer("eventbus")
+        self.fast = send_span.for_tracer(self.tracer)
+
+    def both(self, use: Any = None) -> tuple[Any, Any]:
+        """The span made by start_span and by SendSpans, each handed to ``use`` and ended."""
+        made = []
+        for fast in (False, True):
+            self.ids.rewind()
+            self.exporter.clear()
+            if fast:
+                assert self.fast is not None
+                span = self.fast.start(NAME, ATTRIBUTES)
+                assert span is not None
+            else:
+                span = self.tracer.start_span(NAME, kind=SpanKind.PRODUCER, attributes=ATTRIBUTES)
+            span.set_attribute("messaging.message.id", EVENT_ID)
+            if use is not None:
+                use(span)
+            span.end()
+            finished = self.exporter.get_finished_spans()
+            made.append((span, finished[0] if finished else None))
+        return made[0], made[1]
+
+
+def _fields(span: ReadableSpan) -> dict[str, Any]:
+    exported: dict[str, Any] = json.loads(span.to_json())
+    exported.pop("start_time")
+    exported.pop("end_time")
+    for event in exported["events"]:
+        event.pop("timestamp")
+    return {
+        "json": exported,
+        "context": span.context,
+        "parent": span.parent,
+        "attributes": dict(span.attributes or {}),
+        "dropped": (span.dropped_attributes, span.dropped_events, span.dropped_links),
+        "scope": span.instrumentation_scope,
+        "resource": span.resource,
+        "kind": span.kind,
+        "ordered": span.start_time is not None and span.end_time is not None and span.start_time <= span.end_time,
+    }
+
+
+def _same(pair: tuple[tuple[Any, ReadableSpan | None], tuple[Any, ReadableSpan | None]]) -> dict[str, Any]:
+    (_, sdk), (_, fast) = pair
+    assert sdk is not None and fast is not None
+    assert _fields(fast) == _fields(sdk)
+    return _fields(fast)
+
+
+@pytest.fixture
+def current_parent() -> Iterator[SpanContext]:
+    parent = SpanContext(
+        0x5B8EFFF798038103D269B633813FC60C,
+        0xEEE19B7EC3C1B174,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_state=TraceState([("vendor", "1")]),
+    )
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        yield parent
+    finally:
+        context.detach(token)
+
+
+def test_the_installed_sdk_is_one_the_fast_spans_were_checked_against() -> None:
+    # If this fails after an SDK upgrade, read the new Tracer.start_span and _Span against
+    # send_span, then add the version to VERIFIED_SDK (or change send_span to match it).
+    assert Setup().fast is not None, "opentelemetry-sdk is not in send_span.VERIFIED_SDK: publishes use start_span"
+
+
+@pytest.mark.parametrize("random", [True, False])
+def test_a_root_publish_span_is_the_sdks(random: bool) -> None:
+    setup = Setup()
+    setup.ids.random = random
+    fields = _same(setup.both())
+    assert fields["parent"] is None
+    assert fields["attributes"] == {**ATTRIBUTES, "messaging.message.id": EVENT_ID}
+    assert fields["context"].trace_flags.sampled
+    assert fields["context"].trace_flags.random_trace_id is random
+
+
+def test_a_publish_span_inside_a_span_is_its_child_as_the_sdk_makes_it(current_parent: SpanContext) -> None:
+    setup = Setup()
+    setup.ids.trace_id = 0x1  # not used: the trace is the parent's
+    fields = _same(setup.both())
+    assert fields["parent"] == current_parent
+    assert fields["context"].trace_id == current_parent.trace_id
+    assert fields["context"].trace_state == current_parent.trace_state
+
+
+def test_sampling_decides_alike_and_an_unsampled_span_carries_the_same_context() -> None:
+    for sampler in (ALWAYS_OFF, ParentBased(TraceIdRatioBased(0.5))):
+        for trace_id in (0x1, 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF0):  # one under the ratio's bound, one over
+            setup = Setup(sampler=sampler)
+            setup.ids.trace_id = trace_id
+            (sdk_span, sdk), (fast_span, fast) = setup.both()
+            assert fast_span.get_span_context() == sdk_span.get_span_context()
+            assert fast_span.is_recording() == sdk_span.is_recording()
+            if sdk is None:
+                assert fast is None
+            else:
+                assert fast is not None and _fields(fast) == _fields(sdk)
+
+
+def test_an_error_recorded_in_a_publish_span_is_recorded_as_the_sdk_records_it() -> None:
+    def fail(span: Any) -> None:
+        try:
+            raise ConnectionError("Redis went away")
+        except ConnectionError as exc:
+            span.record_exception(exc)
+            span.set_status(trace.Status(StatusCode.ERROR, "ConnectionError: Redis went away"))
+
+    fields = _same(Setup().both(fail))
+    assert fields["json"]["status"]["status_code"] == "ERROR"
+    assert [e["name"] for e in fields["json"]["events"]] == ["exception"]
+
+
+def test_attributes_a_sampler_adds_are_cleaned_as_the_sdk_cleans_them() -> None:
+    fields = _same(Setup(sampler=Tagging()).both())
+    assert fields["attributes"]["sampler.tags"] == (1, 2)
+
+
+def test_the_tracers_own_metrics_count_the_spans_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+
+    def counted(fast: bool) -> Mapping[str, Any]:
+        setup = Setup()
+        span = setup.fast.start(NAME, ATTRIBUTES) if fast and setup.fast else None
+        span = span or setup.tracer.start_span(NAME, kind=SpanKind.PRODUCER, attributes=ATTRIBUTES)
+        before = setup.metrics.get_metrics_data()
+        span.end()
+        after = setup.metrics.get_metrics_data()
+        return {"before": _points(before), "after": _points(after)}
+
+    fast = counted(True)
+    assert fast["before"], "the tracer counted no spans: its metrics are off"
+    assert fast == counted(False)
+
+
+def _points(data: Any) -> dict[str, list[tuple[Any, Any]]]:
+    found: dict[str, list[tuple[Any, Any]]] = {}
+    for resource in getattr(data, "resource_metrics", None) or ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name.startswith("otel.sdk.span."):  # the tracer's own: started, live
+                    points = metric.data.data_points
+                    found[metric.name] = sorted((sorted(p.attributes.items()), p.value) for p in points)
+    return found
+
+
+def test_a_processor_that_may_act_on_start_gets_the_sdks_span() -> None:
+    class Stamping(SpanProcessor):
+        def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+            span.set_attribute("stamped", True)
+
+    setup = Setup()
+    assert setup.fast is not None and setup.fast.start(NAME, ATTRIBUTES) is not None
+    setup.provider.add_span_processor(Stamping())
+    assert setup.fast.start(NAME, ATTRIBUTES) is None  # the publish falls back to start_span
+    setup.provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    assert setup.fast.start(NAME, ATTRIBUTES) is None
+
+
+def test_span_limits_that_would_change_a_publishs_attributes_leave_it_to_the_sdk() -> None:
+    assert Setup(limits=SpanLimits(max_span_attribute_length=8)).fast is None
+    assert Setup(limits=SpanLimits(max_span_attributes=2)).fast is None
+    assert Setup(limits=SpanLimits(max_span_attributes=128)).fast is not None
+
+
+def test_a_span_that_ended_takes_no_more_attributes_and_ends_once() -> None:
+    setup = Setup()
+    assert setup.fast is not None
+    span = setup.fast.start(NAME, ATTRIBUTES)
+    assert isinstance(span, send_span._SendSpan)
+    span.end()
+    assert not span.is_recording()
+    span.set_attribute("late", "value")
+    span.end()
+    (exported,) = setup.exporter.get_finished_spans()
+    assert "late" not in (exported.attributes or {})
+
+
+def test_the_shared_attributes_are_never_changed() -> None:
+    setup = Setup()
+    assert isinstance(setup.fast, SendSpans)
+    before = dict(ATTRIBUTES)
+    setup.both()
+    assert before == ATTRIBUTES
