@@ -26,7 +26,7 @@ from project.errors import (
     PayloadNotSerializable,
     PayloadTooLarge,
 )
-from project.observability.tracing import trace_fields
+from project.observability.tracing import TraceFields, trace_fields
 
 __all__ = [
     "Envelope",
@@ -41,6 +41,7 @@ SEGMENT = r"[a-z][a-z0-9_]*"
 _NAME_RE = re.compile(rf"^{SEGMENT}(?:\.{SEGMENT}){{1,3}}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT_LEN = 55  # version 00: 2 + 32 + 16 + 2 hex digits and 3 dashes
 _MAX_NAME_CHARS = 255
 
 
@@ -243,7 +244,10 @@ def _plain_fields(user_id: object, module: object, chain_ok: bool, version: obje
         parent, state = trace.get("traceparent"), trace.get("tracestate")
         if parent is None or len(trace) != 1 + (state is not None):
             return False
-        if len(parent) > 256 or _TRACEPARENT_RE.match(parent) is None:
+        if type(trace) is TraceFields:  # written from a valid span context: only its flags can overflow
+            if len(parent) != _TRACEPARENT_LEN:
+                return False
+        elif len(parent) > 256 or _TRACEPARENT_RE.match(parent) is None:
             return False
         if state is not None and len(state) > 1024:
             return False
