@@ -90,7 +90,7 @@ def for_tracer(tracer: object) -> SendSpans | None:
 class SendSpans:
     """Starts the PRODUCER spans of one tracer's publishes (:func:`for_tracer`)."""
 
-    __slots__ = ("_checked", "_plain", "_plain_types", "_processor", "_readable", "_sdk", "_tracer")
+    __slots__ = ("_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer")
 
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk import trace as sdk
@@ -101,18 +101,20 @@ class SendSpans:
         self._processor = tracer.span_processor
         self._readable = sdk.ReadableSpan
         self._plain_types: tuple[type, ...] = (BatchSpanProcessor, SimpleSpanProcessor)
-        self._checked: object = None
-        self._plain = False
+        # (the processors tuple last looked at, whether they are all plain): one object, so
+        # that a thread never reads one tuple's verdict for another
+        self._checked: tuple[object, bool] = (None, False)
 
     def _simple(self) -> bool:
         """Whether the processors are ones whose ``on_start`` and ``_on_ending`` do nothing."""
         processors = getattr(self._processor, "_span_processors", None)
-        if processors is not self._checked:
-            self._plain = type(self._processor) is self._sdk.SynchronousMultiSpanProcessor and all(
+        checked = self._checked
+        if checked[0] is not processors:
+            plain = type(self._processor) is self._sdk.SynchronousMultiSpanProcessor and all(
                 type(p) in self._plain_types for p in processors or ()
             )
-            self._checked = processors
-        return self._plain
+            checked = self._checked = (processors, plain)
+        return checked[1]
 
     def start(self, name: str, attributes: Mapping[str, types.AttributeValue]) -> Span | None:
         """A started PRODUCER span named ``name``, or None: make it with ``start_span``.
