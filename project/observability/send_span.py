@@ -36,10 +36,12 @@ in a publish is recorded exactly as the SDK records it.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from time import time_ns
-from types import MappingProxyType
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -48,6 +50,8 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, S
 from opentelemetry.util import types
 
 __all__ = ["VERIFIED_SDK", "SendSpans", "for_tracer"]
+
+log = logging.getLogger("opentelemetry.sdk.trace")  # where the SDK warns of a span used after its end
 
 #: The SDK minor versions whose ``Tracer.start_span`` this module was checked against.
 VERIFIED_SDK = ("1.45",)
@@ -90,7 +94,7 @@ def for_tracer(tracer: object) -> SendSpans | None:
 class SendSpans:
     """Starts the PRODUCER spans of one tracer's publishes (:func:`for_tracer`)."""
 
-    __slots__ = ("_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer")
+    __slots__ = ("_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer", "max_attributes")
 
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk import trace as sdk
@@ -101,6 +105,9 @@ class SendSpans:
         self._processor = tracer.span_processor
         self._readable = sdk.ReadableSpan
         self._plain_types: tuple[type, ...] = (BatchSpanProcessor, SimpleSpanProcessor)
+        # A span's attributes beyond this many go through the SDK's span, which drops them.
+        limit = tracer._span_limits.max_span_attributes
+        self.max_attributes: int = sys.maxsize if limit is None else limit
         # (the processors tuple last looked at, whether they are all plain): one object, so
         # that a thread never reads one tuple's verdict for another
         self._checked: tuple[object, bool] = (None, False)
@@ -116,10 +123,11 @@ class SendSpans:
             checked = self._checked = (processors, plain)
         return checked[1]
 
-    def start(self, name: str, attributes: Mapping[str, types.AttributeValue]) -> Span | None:
+    def start(self, name: str, attributes: Mapping[str, str]) -> Span | None:
         """A started PRODUCER span named ``name``, or None: make it with ``start_span``.
 
-        ``attributes`` are not changed (the span copies them).
+        ``attributes``: non-empty str keys, str values (what ``start_span`` would keep as they
+        are); not changed (the span copies them).
         """
         tracer = self._tracer
         if not self._simple() or not tracer._is_enabled():
@@ -129,10 +137,10 @@ class SendSpans:
         if parent is None or not parent.is_valid:
             parent = None
             trace_id = tracer.id_generator.generate_trace_id()
-            random = tracer.id_generator.is_trace_id_random()
+            random = bool(tracer.id_generator.is_trace_id_random())
         else:
             trace_id = parent.trace_id
-            random = parent.trace_flags.random_trace_id
+            random = bool(parent.trace_flags.random_trace_id)
         result = tracer.sampler.should_sample(None, trace_id, name, SpanKind.PRODUCER, attributes, ())
         decision = result.decision
         context = SpanContext(
@@ -145,7 +153,7 @@ class SendSpans:
         record_end = tracer._tracer_metrics.start_span(parent, decision)
         if not decision.is_recording():
             return NonRecordingSpan(context)
-        span = _SendSpan(self, name, context, parent, dict(result.attributes), record_end)
+        span = _SendSpan(self, name, context, parent, tracer.resource, dict(result.attributes), record_end)
         if result.attributes != attributes:  # the sampler added its own: the SDK cleans them
             span._as_sdk()
         return span
@@ -157,8 +165,8 @@ class SendSpans:
             name=span._name,
             context=span._context,
             parent=span._parent,
-            resource=tracer.resource,
-            attributes=MappingProxyType(span._attributes),
+            resource=span._resource,
+            attributes=span._attributes,  # ReadableSpan.attributes hands out a read-only view
             kind=SpanKind.PRODUCER,
             instrumentation_info=tracer.instrumentation_info,
             start_time=span._start_time,
@@ -170,14 +178,14 @@ class SendSpans:
         self._processor.on_end(readable)
 
     def sdk_span(self, span: _SendSpan) -> Any:
-        """The SDK's own span for ``span``: the same context, parent, attributes and start."""
+        """The SDK's own span for ``span``: the same context, parent, resource, attributes and start."""
         tracer = self._tracer
         sdk_span = self._sdk._Span(
             name=span._name,
             context=span._context,
             parent=span._parent,
             sampler=tracer.sampler,
-            resource=tracer.resource,
+            resource=span._resource,
             attributes=span._attributes,
             span_processor=self._processor,
             kind=SpanKind.PRODUCER,
@@ -187,19 +195,21 @@ class SendSpans:
             instrumentation_scope=tracer._instrumentation_scope,
             record_end_metrics=span._record_end,
         )
-        sdk_span.start(start_time=span._start_time)
+        # Started already, when the processors' on_start did nothing: not start() again,
+        # which would call the on_start of a processor added since.
+        sdk_span._start_time = span._start_time
         return sdk_span
 
 
 class _SendSpan(Span):
     """A recording PRODUCER span of a publish: its context and attributes until it ends.
 
-    Anything but setting an attribute and ending makes it the SDK's own span (``_as_sdk``),
-    which does the rest.
+    Anything but setting a str attribute and ending makes it the SDK's own span
+    (``_as_sdk``), which does the rest. Used by one thread, as a publish uses it.
     """
 
-    __slots__ = ("_attributes", "_context", "_ended", "_maker", "_name", "_parent", "_record_end", "_sdk_span",
-                 "_start_time")  # fmt: skip
+    __slots__ = ("_attributes", "_context", "_ended", "_maker", "_name", "_parent", "_record_end", "_resource",
+                 "_sdk_span", "_start_time")  # fmt: skip
 
     def __init__(
         self,
@@ -207,17 +217,23 @@ class _SendSpan(Span):
         name: str,
         context: SpanContext,
         parent: SpanContext | None,
+        resource: Any,
         attributes: dict[str, Any],
         record_end: Callable[[], None] | None,
     ) -> None:
         self._maker, self._name, self._context, self._parent = maker, name, context, parent
-        self._attributes, self._record_end = attributes, record_end
+        self._resource, self._attributes, self._record_end = resource, attributes, record_end
         self._sdk_span: Any = None
         self._ended = False
         self._start_time = time_ns()
 
-    def _as_sdk(self) -> Any:
+    def _as_sdk(self, doing: str = "") -> Any:
+        """The SDK's span that stands in for this one from now on; after the end, a span
+        that does nothing (the SDK's span ignores calls once ended, with a warning)."""
         if self._sdk_span is None:
+            if self._ended:
+                log.warning("Tried calling %s on an ended span.", doing or "a method")
+                return NonRecordingSpan(self._context)
             self._sdk_span = self._maker.sdk_span(self)
         return self._sdk_span
 
@@ -228,35 +244,48 @@ class _SendSpan(Span):
         return not self._ended if self._sdk_span is None else bool(self._sdk_span.is_recording())
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        if self._sdk_span is not None or not isinstance(value, str) or not key:
-            self._as_sdk().set_attribute(key, value)
-        elif not self._ended:
-            self._attributes[key] = value
+        attributes = self._attributes
+        if (
+            self._sdk_span is not None
+            or type(value) is not str
+            or type(key) is not str
+            or not key
+            or (len(attributes) >= self._maker.max_attributes and key not in attributes)
+        ):
+            self._as_sdk("set_attribute").set_attribute(key, value)
+        elif self._ended:
+            log.warning("Setting attribute on ended span.")
+        else:
+            attributes.pop(key, None)  # as the SDK's bounded attributes: a key set again moves last
+            attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         for key, value in attributes.items():
             self.set_attribute(key, value)
 
     def end(self, end_time: int | None = None) -> None:
+        if self._sdk_span is None and not self._ended and not self._maker._simple():
+            self._as_sdk()  # a processor added since the start: its _on_ending is called
         if self._sdk_span is not None:
             self._sdk_span.end(end_time)
             return
         if self._ended:
+            log.warning("Calling end() on an ended span.")
             return
         self._ended = True
         self._maker.end(self, end_time if end_time is not None else time_ns())
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
-        self._as_sdk().add_event(name, attributes, timestamp)
+        self._as_sdk("add_event").add_event(name, attributes, timestamp)
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        self._as_sdk().add_link(context, attributes)
+        self._as_sdk("add_link").add_link(context, attributes)
 
     def update_name(self, name: str) -> None:
-        self._as_sdk().update_name(name)
+        self._as_sdk("update_name").update_name(name)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        self._as_sdk().set_status(status, description)
+        self._as_sdk("set_status").set_status(status, description)
 
     def record_exception(
         self,
@@ -265,7 +294,16 @@ class _SendSpan(Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        self._as_sdk().record_exception(exception, attributes, timestamp, escaped)
+        self._as_sdk("record_exception").record_exception(exception, attributes, timestamp, escaped)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
+        """As the SDK's span: an exception leaving ``with span:`` is recorded, and the span ends."""
+        if exc_val is not None and self.is_recording():
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()
 
     def __repr__(self) -> str:
         return f"_SendSpan(name={self._name!r}, context={self._context!r})"

@@ -8,6 +8,7 @@ test (never set globally: this process has no SDK provider, see test_tracing).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -288,3 +289,87 @@ def test_the_shared_attributes_are_never_changed() -> None:
     before = dict(ATTRIBUTES)
     setup.both()
     assert before == ATTRIBUTES
+
+
+def test_setting_an_attribute_again_or_past_the_limit_is_as_in_the_sdk() -> None:
+    def more(span: Any) -> None:
+        span.set_attribute("messaging.system", "again")  # the SDK moves a key set again to the end
+        span.set_attribute("extra", "one too many")  # the sixth, over the limit: the oldest goes
+        span.set_attribute(7, "a key that is no str")  # type: ignore[arg-type]
+
+    fields = _same(Setup(limits=SpanLimits(max_span_attributes=5)).both(more))
+    assert list(fields["attributes"])[-2:] == ["messaging.system", "extra"]
+    assert "messaging.destination.name" not in fields["attributes"]
+    assert fields["dropped"][0] == 2  # the oldest, and the key that is no str
+
+
+def test_an_exception_leaving_a_with_block_of_the_span_is_recorded_as_the_sdk_does() -> None:
+    def fail(span: Any) -> None:
+        with pytest.raises(ValueError), span:
+            raise ValueError("bad")
+
+    fields = _same(Setup().both(fail))
+    assert fields["json"]["status"] == {"status_code": "ERROR", "description": "ValueError: bad"}
+    assert [e["attributes"]["exception.escaped"] for e in fields["json"]["events"]] == ["True"]
+
+
+def test_calls_on_an_ended_span_change_nothing_as_in_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    for fast in (False, True):
+        setup = Setup()
+        assert setup.fast is not None
+        span = setup.fast.start(NAME, ATTRIBUTES) if fast else setup.tracer.start_span(NAME, kind=SpanKind.PRODUCER)
+        assert span is not None
+        span.end()
+        span.set_status(trace.Status(StatusCode.ERROR, "late"))
+        span.record_exception(ValueError("late"))
+        span.end()
+        assert not span.is_recording(), fast
+        (exported,) = setup.exporter.get_finished_spans()
+        assert exported.status.status_code is StatusCode.UNSET and not exported.events
+        live = _points(setup.metrics.get_metrics_data())["otel.sdk.span.live"]
+        assert [value for _, value in live] == [0], fast
+
+
+def test_a_processor_added_while_a_span_is_open_sees_what_it_would_see_of_the_sdks() -> None:
+    class Recording(SpanProcessor):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+            self.calls.append("on_start")
+
+        def _on_ending(self, span: Any) -> None:
+            self.calls.append("_on_ending")
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.calls.append("on_end")
+
+    seen = {}
+    for error in (False, True):
+        for fast in (False, True):
+            setup = Setup()
+            assert setup.fast is not None
+            span = setup.fast.start(NAME, ATTRIBUTES) if fast else None
+            span = span or setup.tracer.start_span(NAME, kind=SpanKind.PRODUCER, attributes=ATTRIBUTES)
+            added = Recording()
+            setup.provider.add_span_processor(added)
+            if error:
+                span.record_exception(ValueError("x"))
+            span.end()
+            seen[error, fast] = added.calls
+    assert seen[False, True] == seen[False, False] == ["_on_ending", "on_end"]
+    assert seen[True, True] == seen[True, False]
+
+
+def test_an_exported_span_can_be_copied_as_the_sdks_can() -> None:
+    (_, sdk), (_, fast) = Setup().both()
+    assert sdk is not None and fast is not None
+    assert dict(copy.deepcopy(fast).attributes or {}) == dict(copy.deepcopy(sdk).attributes or {})
+
+
+def test_an_id_generator_that_answers_none_for_random_ids_gives_the_sdks_flags() -> None:
+    setup = Setup()
+    setup.ids.is_trace_id_random = lambda: None  # type: ignore[assignment,return-value]
+    fields = _same(setup.both())
+    assert not fields["context"].trace_flags.random_trace_id
