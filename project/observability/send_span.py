@@ -6,8 +6,9 @@ where the bus allows tracing a tenth. The span a publish needs is a simple one: 
 no links, never current, its attributes known. :class:`SendSpans` makes that span from the
 same parts the SDK uses, and skips the general-purpose machinery a simple span never uses:
 the ``_Span`` object with its lock, bounded attribute and event lists, and ``on_start``
-calls on processors known to do nothing in them. Measured in the publish loop, about a
-fifth of the SDK's cost.
+calls on processors known to do nothing in them. Measured with the trace context written:
+10 to 15 µs in a tight loop against the SDK's 22 to 35, and about 20 µs a publish in the
+publish loop against 45 to 65.
 
 Made the same way as the SDK's ``start_span`` (verified span by span in ``tests/unit/test_send_span.py``):
 - the parent: the current span, if its context is valid; otherwise a new trace, its id from
