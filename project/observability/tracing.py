@@ -53,7 +53,7 @@ _send_spans: send_span.SendSpans | None = None
 
 def active() -> bool:
     """True once an SDK (or any real) tracer provider is set in this process."""
-    global _real_tracer
+    global _real_tracer, _send_spans
     if _real_tracer is not None:
         return True
     if _provider_set is not None and _provider_set() is None:
@@ -61,7 +61,6 @@ def active() -> bool:
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return False
-    global _send_spans
     _real_tracer = provider.get_tracer("eventbus")
     _send_spans = send_span.for_tracer(_real_tracer)
     return True
