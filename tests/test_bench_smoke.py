@@ -22,7 +22,9 @@ def test_bench_harness_runs_and_writes_results(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads(output.read_text())
     names = {r["name"] for r in results}
-    for expected in ("publish (publish_sync)", "publish (await publish)", "dispatch vs apply_async",
+    for expected in ("publish (publish_sync)", "publish (publish_sync): storing alone, envelopes built beforehand",
+                     "publish (publish_sync): building the envelope, in the publish loop vs back to back",
+                     "publish (await publish)", "dispatch vs apply_async",
                      "dispatch vs celery-pubsub", "matching: 10,000 vs 10 subscriptions", "latency p50",
                      "latency p99", "latency p99, worst window", "latency stage p50: publish → XADD",
                      "latency stage p99: XADD → router read", "latency stage p50: LPUSH → worker receive",
