@@ -1,6 +1,7 @@
-"""Three changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts
+"""Four changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts
 (two paths of it), a client object built for every command the worker's main process sends,
-and a first copy's lease taken in the round trip that receives it.
+a first copy's lease taken in the round trip that receives it, and that lease given back
+when its message is put back unstarted at a warm shutdown.
 
 **Redis restarts.**
 When Redis goes away and the worker's consumer closes its broken connection, kombu's channel
@@ -32,19 +33,32 @@ into that transaction, and its token into the message's headers
 fewer in the pool process, on every delivery's way to its handler. The lease is what it
 was: the key, the token naming a process of the host that runs the delivery, and its
 lifetime, renewed by that pool process.
+
+**Those leases, given back with the messages put back unstarted**
+(:func:`release_leases_on_restore`). A worker stopped warm finishes the tasks it runs, and
+kombu then puts back the messages it had received but not started (``QoS.restore_unacked``):
+with a prefetch of more than one message per process, those are most of what it held. Their
+leases were taken on receipt and nothing renews them, so the next worker to receive them
+found them held and deferred them until the leases lapsed (``DELIVERY_LEASE_S``): every
+restart delayed them that long. Now the main process gives those leases back as it puts the
+messages back, where it can tell that none of its pool processes is alive, so that none can
+be running them: each lease is deleted only if it still holds this process' token.
+kombu also puts messages back when a connection breaks, while the pool runs tasks; then
+nothing is given back, and the leases lapse as before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from project.lease import LEASE_AT_HEADER, LEASE_HEADER
+from project.lease import LEASE_AT_HEADER, LEASE_HEADER, LEASE_KEY_HEADER
 
-__all__ = ["apply", "take_leases_on_receipt"]
+__all__ = ["apply", "pool_processes_gone", "release_leases_on_restore", "take_leases_on_receipt"]
 
 log = logging.getLogger("eventbus.kombu_fixes")
 
@@ -61,6 +75,7 @@ def apply() -> None:
         return
 
     def restore_unacked(self: Any, client: Any = None) -> None:
+        _release_unstarted(self)
         try:
             original(self, client)
         except AttributeError as exc:
@@ -106,9 +121,10 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
         headers = message.headers
         if not isinstance(headers, dict):  # none, or malformed: Celery refuses it after this
             return original(self, message, delivery_tag)  # type: ignore[no-any-return]
-        if LEASE_HEADER in headers or LEASE_AT_HEADER in headers:
+        if LEASE_HEADER in headers or LEASE_AT_HEADER in headers or LEASE_KEY_HEADER in headers:
             headers.pop(LEASE_HEADER, None)
             headers.pop(LEASE_AT_HEADER, None)
+            headers.pop(LEASE_KEY_HEADER, None)
         try:
             lease = lease_of(message)
         except Exception:  # a message kombu would note must still be noted
@@ -132,9 +148,104 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
         virtual.QoS.append(self, message, delivery_tag)
         if taken is True:  # None: held or settled already; an error: the pool process will see
             headers[LEASE_HEADER], headers[LEASE_AT_HEADER] = token, time.monotonic()
+            headers[LEASE_KEY_HEADER] = key
 
     append._eventbus_original = original  # type: ignore[attr-defined]
     qos.append = append
+
+
+# Deletes each lease (KEYS) that still holds its token (ARGV, in the same order); returns how many.
+_RELEASE_LUA = """
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    redis.call('DEL', KEYS[i])
+    released = released + 1
+  end
+end
+return released
+"""
+
+# Whether no task of this process can be running now (None: never say so).
+_nothing_runs: Callable[[], bool] | None = None
+
+
+def release_leases_on_restore(nothing_runs: Callable[[], bool]) -> None:
+    """Give back the leases taken on receipt when kombu puts their messages back and
+    ``nothing_runs()`` says no task of this process can be running (the last call wins).
+
+    The worker's main process calls it as the worker starts (``project.celery_app``), with
+    :func:`pool_processes_gone` for its worker.
+    """
+    global _nothing_runs
+    _nothing_runs = nothing_runs
+
+
+def pool_processes_gone(worker: Any) -> bool:
+    """Whether ``worker`` (a Celery ``WorkController``) runs its tasks in pool processes
+    (prefork) and no child process of this process is alive: then none of its tasks runs.
+
+    Another pool runs tasks in this process itself, and a system without ``/proc`` cannot
+    tell: both are False.
+    """
+    from celery.concurrency.prefork import TaskPool
+
+    pool_cls = getattr(worker, "pool_cls", None)
+    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)):
+        return False
+    return _live_children(os.getpid()) == 0
+
+
+def _live_children(pid: int) -> int | None:
+    """How many child processes of ``pid`` are alive (a zombie is not), or None if unknown."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    alive = 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after its last ')'
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+            alive += 1
+    return alive
+
+
+def _release_unstarted(qos: Any) -> None:
+    """Delete the leases this process took on receipt for the messages ``qos`` is about to
+    put back, if no task of this process can be running them; never stands in the restore's way."""
+    check = _nothing_runs
+    if check is None:
+        return
+    held: list[tuple[str, str]] = []
+    for message in list(getattr(qos, "_delivered", {}).values()):
+        headers = getattr(message, "headers", None)
+        if isinstance(headers, dict) and LEASE_KEY_HEADER in headers and LEASE_HEADER in headers:
+            held.append((headers[LEASE_KEY_HEADER], headers[LEASE_HEADER]))
+    if not held:
+        return
+    try:
+        if not check():
+            return
+        import redis
+
+        with qos.channel.conn_or_acquire() as client:
+            keys, tokens = [k for k, _ in held], [t for _, t in held]
+            # Past kombu's global_keyprefix: the leases are the bus's keys, not kombu's.
+            released = redis.Redis.execute_command(  # type: ignore[no-untyped-call]
+                client, "EVAL", _RELEASE_LUA, len(keys), *keys, *tokens
+            )
+    except Exception as exc:  # the messages still go back; their leases lapse by themselves
+        log.warning("could not give back the leases of %d messages put back unstarted (%s)", len(held), exc)
+        return
+    log.info("gave back the leases of %d of %d messages put back unstarted", released, len(held))
 
 
 def _settle_on_closed_channels(qos_class: Any) -> None:

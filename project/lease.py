@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["LEASE_AT_HEADER", "LEASE_HEADER", "LeaseKeeper", "keeper", "new_token"]
+__all__ = ["LEASE_AT_HEADER", "LEASE_HEADER", "LEASE_KEY_HEADER", "LeaseKeeper", "keeper", "new_token"]
 
 log = logging.getLogger("eventbus.lease")
 
@@ -42,6 +42,9 @@ return 0
 # and the main process drops any that arrive.
 LEASE_HEADER = "eventbus_lease"
 LEASE_AT_HEADER = "eventbus_lease_at"
+# ... and its key, so that the main process can give the lease back if it puts the message
+# back unstarted (project.kombu_fixes.release_leases_on_restore).
+LEASE_KEY_HEADER = "eventbus_lease_key"
 
 _process: tuple[int, str] = (0, "")  # (pid, "host:pid:") of the process that named it
 

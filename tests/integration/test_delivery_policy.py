@@ -252,6 +252,47 @@ def test_a_first_copy_restored_before_it_started_still_runs_with_no_retries_left
     assert stack.runs() == {f"{event_id}:long_runner": 1}
 
 
+def test_a_worker_stopped_warm_gives_back_the_leases_of_what_it_had_not_started(stack: Stack) -> None:
+    # A worker of one process that prefetches four messages runs one and holds three, whose
+    # leases its main process took as it received them. Stopped warm, it finishes the one it
+    # runs, and kombu puts the three back: their leases go back with them, so the next worker
+    # runs them at once instead of deferring them until the leases lapse (two minutes here).
+    stack.env["DELIVERY_LEASE_S"] = "120"
+    stack.start_router()
+    bus, handler = stack.bus(), f"{APP}.long_runner"
+    ids = [bus.publish_sync("policy.long.requested", {"sleep_s": 4 if i == 0 else 0}) for i in range(4)]
+    leases = [bus.keys.lease(delivery_task_id(e, handler)) for e in ids]
+    wait_for(lambda: stack.queue_length("gamma") == 4, what="the router's four copies queued")
+    worker = stack.start(
+        "worker", sys.executable, "-m", "celery", "-A", "project.celery_app", "worker", "-Q", "gamma", "-c", "1",
+        "-P", "prefork", "--prefetch-multiplier", "4", "-n", f"prefetching-{stack.prefix}@%h", "--without-gossip",
+        "--without-mingle", "--loglevel", "INFO", ready=" ready.",
+    )  # fmt: skip
+    wait_for(lambda: stack.runs() == {f"{ids[0]}:long_runner": 1}, what="the first event's handler running")
+    # The three others are received, not started: each lease holds the main process' token.
+    wait_for(lambda: all(stack.redis.get(k) for k in leases[1:]), what="the prefetched copies' leases taken")
+    assert {int(stack.redis.get(k).decode().split(":")[-2]) for k in leases[1:]} == {worker.pid}  # type: ignore[union-attr]
+    assert stack.runs() == {f"{ids[0]}:long_runner": 1}
+
+    stack.stop("worker")  # SIGTERM: a warm shutdown, which lets the running handler finish
+    assert worker.returncode == 0, stack.log("worker")
+    assert _delivery(stack, ids[0], "long_runner", "succeeded").attempts == 1  # type: ignore[attr-defined]
+    assert stack.redis.get(leases[0]) == b"done"
+    assert [stack.redis.exists(k) for k in leases[1:]] == [0, 0, 0]
+    assert stack.queue_length("gamma") == 3
+    assert "gave back the leases of 3 of 3 messages put back unstarted" in stack.log("worker")
+
+    started = time.monotonic()
+    stack.start_worker("worker2", queues="gamma")
+    for event_id in ids[1:]:
+        # Put back marked redelivered, each counts the attempt it cannot tell from none (on record only).
+        assert _delivery(stack, event_id, "long_runner", "succeeded", timeout_s=60).attempts == 2  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 60  # within half a lease: none waited for its lease to lapse
+    assert "another copy holds the lease" not in stack.log("worker2")
+    assert stack.runs() == {f"{e}:long_runner": 1 for e in ids}
+    assert int(stack.redis.get(f"{{{stack.prefix}:test}}:max-running") or 0) == 1
+
+
 def _restore_first_copy(stack: Stack, queue: str) -> None:
     """Take the router's first copy off ``queue`` and put it back as kombu restores a message."""
     key = stack.bus().keys.celery_queue(queue)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
+from typing import Any
 
 import kombu
 import pytest
 
 from project import kombu_fixes
-from tests.integration.conftest import REDIS_URL
+from project.lease import LEASE_HEADER, new_token
+from tests.integration.conftest import REDIS_URL, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +99,80 @@ def test_an_acknowledgement_that_fails_on_an_open_channel_still_raises() -> None
         channel.qos._remove_from_indices = lambda *args, **kwargs: None
         with pytest.raises(AttributeError):
             channel.qos.ack("no-such-tag")
+
+
+def _leases_on_receipt(name: str) -> None:
+    """Take a lease for each message carrying this test's header (``lease-id``), as the
+    worker takes one for a router's first copy: other tests' messages get none."""
+
+    def lease_of(message: Any) -> tuple[str, str, int] | None:
+        lease_id = message.headers.get(name)
+        return None if lease_id is None else (f"{name}:lease:{lease_id}", new_token(), 60_000)
+
+    kombu_fixes.take_leases_on_receipt(lease_of)
+
+
+@pytest.mark.parametrize("nothing_runs", [True, False])
+def test_messages_put_back_unstarted_give_back_their_leases_only_when_nothing_can_run_them(
+    nothing_runs: bool,
+) -> None:
+    # A worker stopped warm: its pool processes are gone, and kombu puts back what it received
+    # and never started. The leases it took on receipt go back too, unless one was settled
+    # meanwhile (it holds 'done', not this process' token). With pool processes alive (a
+    # broken connection), nothing is given back: one of them may be running a message.
+    kombu_fixes.apply()
+    name = f"kombu-fixes-{uuid.uuid4().hex[:8]}"
+    _leases_on_receipt(name)
+    kombu_fixes.release_leases_on_restore(lambda: nothing_runs)
+    options = {k: f"{name}:{k}" for k in ("unacked_key", "unacked_index_key", "unacked_mutex_key")}
+    cleanup = kombu.Connection(REDIS_URL).channel().client
+    try:
+        conn = kombu.Connection(REDIS_URL, transport_options=options)
+        queue = conn.SimpleQueue(name)
+        for i in range(3):
+            queue.put({"n": i}, headers={name: str(i)})
+        received = [queue.get(timeout=5) for _ in range(3)]
+        leases = [f"{name}:lease:{i}" for i in range(3)]
+        tokens = [cleanup.get(k) for k in leases]
+        assert all(t and t.decode() == m.headers[LEASE_HEADER] for t, m in zip(tokens, received, strict=True))
+        cleanup.set(leases[1], "done")  # settled by the pool process that ran it
+
+        conn.close()  # kombu puts back all three
+
+        assert cleanup.llen(name) == 3
+        if nothing_runs:
+            assert [cleanup.get(k) for k in leases] == [None, b"done", None]
+        else:
+            assert [cleanup.get(k) for k in leases] == [tokens[0], b"done", tokens[2]]
+        # The copies put back carry no lease of this process, whatever happened to the leases.
+        assert all(LEASE_HEADER not in json.loads(raw)["headers"] for raw in cleanup.lrange(name, 0, -1))
+    finally:
+        kombu_fixes.release_leases_on_restore(lambda: False)
+        cleanup.delete(name, *options.values(), *cleanup.keys(f"{name}:lease:*"))
+
+
+_CHILDREN_SCRIPT = """
+import subprocess, sys, time, types
+from celery.concurrency import prefork, solo
+from project.kombu_fixes import pool_processes_gone
+prefork_worker = types.SimpleNamespace(pool_cls=prefork.TaskPool)
+solo_worker = types.SimpleNamespace(pool_cls=solo.TaskPool)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+with_child = pool_processes_gone(prefork_worker)
+child.kill()
+while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+zombie = pool_processes_gone(prefork_worker)
+child.wait()
+print(with_child, zombie, pool_processes_gone(prefork_worker), pool_processes_gone(solo_worker))
+"""
+
+
+def test_pool_processes_count_as_gone_only_in_a_prefork_worker_with_no_live_child() -> None:
+    # In a process of its own: this test process may have children of its own (servers).
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILDREN_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    # a live child; a dead one not yet reaped; none; a pool that runs tasks in its own process
+    assert out.stdout.split() == ["False", "True", "True", "False"]
