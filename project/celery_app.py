@@ -7,6 +7,7 @@ one task registered per subscription) when a worker or beat starts.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -44,7 +45,7 @@ def _on_worker_start(sender: Any = None, **_: Any) -> None:
     load_handlers()
     # The leases its main process took on receipt go back with messages put back unstarted,
     # once its pool processes are gone (a warm shutdown): see project.kombu_fixes.
-    kombu_fixes.release_leases_on_restore(partial(kombu_fixes.pool_processes_gone, sender))
+    kombu_fixes.release_leases_on_restore(partial(kombu_fixes.pool_processes_gone, sender, os.getpid()))
     # Also before the fork: the children inherit multiprocess mode and its directory.
     serve_worker(get_settings())
     otel_sdk.configure(get_settings(), service_name="eventbus-worker")

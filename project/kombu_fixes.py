@@ -41,8 +41,9 @@ with a prefetch of more than one message per process, those are most of what it 
 leases were taken on receipt and nothing renews them, so the next worker to receive them
 found them held and deferred them until the leases lapsed (``DELIVERY_LEASE_S``): every
 restart delayed them that long. Now the main process gives those leases back as it puts the
-messages back, where it can tell that none of its pool processes is alive, so that none can
-be running them: each lease is deleted only if it still holds this process' token.
+messages back, where it can tell that no pool process can be running them (its prefork pool
+stopped, joined or killed, and no child process alive): each lease is deleted only if it
+still holds this process' token.
 kombu also puts messages back when a connection breaks, while the pool runs tasks; then
 nothing is given back, and the leases lapse as before.
 """
@@ -175,25 +176,38 @@ def release_leases_on_restore(nothing_runs: Callable[[], bool]) -> None:
     ``nothing_runs()`` says no task of this process can be running (the last call wins).
 
     The worker's main process calls it as the worker starts (``project.celery_app``), with
-    :func:`pool_processes_gone` for its worker.
+    :func:`pool_processes_gone` for its worker and its pid.
     """
     global _nothing_runs
     _nothing_runs = nothing_runs
 
 
-def pool_processes_gone(worker: Any) -> bool:
-    """Whether ``worker`` (a Celery ``WorkController``) runs its tasks in pool processes
-    (prefork) and no child process of this process is alive: then none of its tasks runs.
+def pool_processes_gone(worker: Any, main_pid: int) -> bool:
+    """Whether no task of ``worker`` (a Celery ``WorkController``) can be running: it runs
+    them in pool processes (prefork), its pool has stopped (joined or terminated), this is
+    its main process (``main_pid``, not a pool process that inherited the check), and no
+    child process of it is alive.
 
-    Another pool runs tasks in this process itself, and a system without ``/proc`` cannot
-    tell: both are False.
+    Another pool runs tasks in this process itself; a pool still running may be forking a
+    process that /proc does not show yet; a /proc of another pid namespace cannot tell: all
+    are False.
     """
     from celery.concurrency.prefork import TaskPool
 
-    pool_cls = getattr(worker, "pool_cls", None)
-    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)):
+    pool_cls, pool = getattr(worker, "pool_cls", None), getattr(worker, "pool", None)
+    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)) or not isinstance(pool, TaskPool):
         return False
-    return _live_children(os.getpid()) == 0
+    if pool._state != pool.TERMINATE or pool._pool is not None:  # set once its processes are joined or killed
+        return False
+    pid = os.getpid()
+    if pid != main_pid:
+        return False
+    try:
+        if os.readlink("/proc/self") != str(pid):  # a /proc of another pid namespace
+            return False
+    except OSError:
+        return False
+    return _live_children(pid) == 0
 
 
 def _live_children(pid: int) -> int | None:
@@ -225,14 +239,12 @@ def _release_unstarted(qos: Any) -> None:
     if check is None:
         return
     held: list[tuple[str, str]] = []
-    for message in list(getattr(qos, "_delivered", {}).values()):
-        headers = getattr(message, "headers", None)
-        if isinstance(headers, dict) and LEASE_KEY_HEADER in headers and LEASE_HEADER in headers:
-            held.append((headers[LEASE_KEY_HEADER], headers[LEASE_HEADER]))
-    if not held:
-        return
     try:
-        if not check():
+        for message in list(getattr(qos, "_delivered", {}).values()):
+            headers = getattr(message, "headers", None)
+            if isinstance(headers, dict) and LEASE_KEY_HEADER in headers and LEASE_HEADER in headers:
+                held.append((headers[LEASE_KEY_HEADER], headers[LEASE_HEADER]))
+        if not held or not check():
             return
         import redis
 

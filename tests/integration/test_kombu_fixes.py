@@ -10,6 +10,7 @@ from typing import Any
 
 import kombu
 import pytest
+from kombu.transport import redis as kombu_redis
 
 from project import kombu_fixes
 from project.lease import LEASE_HEADER, new_token
@@ -147,32 +148,45 @@ def test_messages_put_back_unstarted_give_back_their_leases_only_when_nothing_ca
         # The copies put back carry no lease of this process, whatever happened to the leases.
         assert all(LEASE_HEADER not in json.loads(raw)["headers"] for raw in cleanup.lrange(name, 0, -1))
     finally:
-        kombu_fixes.release_leases_on_restore(lambda: False)
+        kombu_fixes._nothing_runs = None  # as in any process that is not a worker's
+        kombu_redis.QoS.append = kombu_redis.QoS.append._eventbus_original  # type: ignore[attr-defined]
         cleanup.delete(name, *options.values(), *cleanup.keys(f"{name}:lease:*"))
 
 
 _CHILDREN_SCRIPT = """
-import subprocess, sys, time, types
+import os, subprocess, sys, time, types
 from celery.concurrency import prefork, solo
 from project.kombu_fixes import pool_processes_gone
-prefork_worker = types.SimpleNamespace(pool_cls=prefork.TaskPool)
-solo_worker = types.SimpleNamespace(pool_cls=solo.TaskPool)
+
+def worker(pool_cls, state, joined=True):
+    pool = pool_cls(1)
+    pool._state, pool._pool = state, None if joined else object()
+    return types.SimpleNamespace(pool_cls=pool_cls, pool=pool)
+
+stopped, me = worker(prefork.TaskPool, prefork.TaskPool.TERMINATE), os.getpid()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-with_child = pool_processes_gone(prefork_worker)
+with_child = pool_processes_gone(stopped, me)
 child.kill()
 while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
     time.sleep(0.01)
-zombie = pool_processes_gone(prefork_worker)
+zombie = pool_processes_gone(stopped, me)
 child.wait()
-print(with_child, zombie, pool_processes_gone(prefork_worker), pool_processes_gone(solo_worker))
+print(with_child, zombie, pool_processes_gone(stopped, me),
+      pool_processes_gone(worker(prefork.TaskPool, prefork.TaskPool.RUN), me),
+      pool_processes_gone(worker(prefork.TaskPool, prefork.TaskPool.TERMINATE, joined=False), me),
+      pool_processes_gone(stopped, me + 1),
+      pool_processes_gone(worker(solo.TaskPool, solo.TaskPool.TERMINATE), me))
 """
 
 
-def test_pool_processes_count_as_gone_only_in_a_prefork_worker_with_no_live_child() -> None:
+def test_pool_processes_count_as_gone_only_once_a_prefork_pool_stopped_and_no_child_lives() -> None:
     # In a process of its own: this test process may have children of its own (servers).
     out = subprocess.run(
         [sys.executable, "-c", _CHILDREN_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stderr
-    # a live child; a dead one not yet reaped; none; a pool that runs tasks in its own process
-    assert out.stdout.split() == ["False", "True", "True", "False"]
+    # A stopped prefork pool: with a live child; with a dead one not yet reaped; with none.
+    # Then with none, but: a pool still running; one not yet joined; asked from another
+    # process than the worker's main one (a pool process inherits the check); a pool that
+    # runs tasks in its own process.
+    assert out.stdout.split() == ["False", "True", "True", "False", "False", "False", "False"]
