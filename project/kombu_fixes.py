@@ -194,8 +194,8 @@ def pool_processes_gone(worker: Any, main_pid: int) -> bool:
     """
     from celery.concurrency.prefork import TaskPool
 
-    pool_cls, pool = getattr(worker, "pool_cls", None), getattr(worker, "pool", None)
-    if not (isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)) or not isinstance(pool, TaskPool):
+    pool = getattr(worker, "pool", None)
+    if not isinstance(pool, TaskPool):
         return False
     if pool._state != pool.TERMINATE or pool._pool is not None:  # set once its processes are joined or killed
         return False
