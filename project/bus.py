@@ -24,6 +24,7 @@ from project.envelope import encode_envelope
 from project.errors import InvalidContract, InvalidEventData, InvalidSubscription, PublishOutcomeUnknown, PublishRefused
 from project.keys import Keys, scope_of
 from project.observability import metrics, tracing
+from project.observability.send_span import in_flight
 from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
 from project.redis_conn import async_redis_client, keys_for, redis_client, send_one
@@ -269,7 +270,8 @@ class EventBus:
             event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, span)
             if current_outbox() is not None:
                 return self._keep(event_type, event_id, encoded)
-            return self.send_encoded(event_type, event_id, encoded)
+            # the span gets ready to end while Redis answers (project.observability.send_span)
+            return self._send(event_type, event_id, encoded, in_flight(span))
 
     async def _store(self, event_type: str, event_id: str, encoded: str) -> str:
         """Send one event built by :meth:`publish`, coalesced with the loop's other publishes."""
@@ -303,6 +305,10 @@ class EventBus:
         Raises:
             PublishRefused, PublishOutcomeUnknown: as :meth:`publish`.
         """
+        return self._send(event_type, event_id, encoded)
+
+    def _send(self, event_type: str, event_id: str, encoded: str, meanwhile: Callable[[], None] | None = None) -> str:
+        """:meth:`send_encoded`, doing ``meanwhile`` while Redis answers (see ``send_one``)."""
         if _capture is not None:  # the test kit's in-memory bus (project.testing)
             return _capture(event_type, event_id, encoded)
         if "\n" in encoded:  # the script splits its batch at newlines; JSON as publish writes it has none
@@ -317,10 +323,10 @@ class EventBus:
             dedup, batch = dedup_prefix + event_id, f"{encoded}\n{self._channel_prefix}{event_type}"
             args = ("EVALSHA", _PUBLISH_SHA, 2, stream, dedup, window, batch)
             try:
-                (reply,) = send_one(client, *args)
+                (reply,) = send_one(client, *args, meanwhile=meanwhile)
             except redis.exceptions.NoScriptError:  # a new or flushed Redis: load it once
                 client.script_load(PUBLISH_LUA)
-                (reply,) = send_one(client, *args)
+                (reply,) = send_one(client, *args, meanwhile=meanwhile)
             if isinstance(reply, redis.RedisError):  # Redis refused this event (the script's pcall)
                 raise reply
         except redis.RedisError as exc:

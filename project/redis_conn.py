@@ -11,6 +11,7 @@ in the script that acknowledges its event).
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "send_many",
     "send_one",
 ]
+
+log = logging.getLogger(__name__)
 
 _known: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -94,7 +97,7 @@ def require_amqp_on_cluster(settings: Settings) -> None:
         )
 
 
-def send_one(client: Any, *args: Any) -> Any:
+def send_one(client: Any, *args: Any, meanwhile: Callable[[], None] | None = None) -> Any:
     """``client.execute_command(*args)``, on a plain ``redis.Redis`` without its per-call extras.
 
     What the publish path pays for on every event: redis-py 8 wraps each command in closures,
@@ -105,13 +108,21 @@ def send_one(client: Any, *args: Any) -> Any:
     back. Response callbacks are not applied: the raw reply comes back. A ``RedisCluster``,
     or a client holding one connection, goes through ``execute_command``.
 
+    ``meanwhile``: work for the time Redis takes to answer, called once the command is sent
+    (before it, through ``execute_command``), and again if it is sent again. It cannot fail
+    the command: an ``Exception`` it raises is logged, and the reply read as usual. Anything
+    else (a time limit, ``KeyboardInterrupt``) drops the connection, its reply unread, and
+    goes to the caller, as it would from the read.
+
     Raises:
         redis.RedisError: as ``execute_command`` would (``ResponseError`` for Redis's own
             error reply, ``ConnectionError``/``TimeoutError`` once the retries are spent).
     """
     if type(client) is not redis.Redis or client.connection is not None:
+        if meanwhile is not None:
+            _do(meanwhile)
         return client.execute_command(*args)
-    return _on_pooled_connection(client, lambda conn: _send_read(conn, args))
+    return _on_pooled_connection(client, lambda conn: _send_read(conn, args, meanwhile))
 
 
 def _on_pooled_connection(client: redis.Redis, io: Callable[[Any], Any]) -> Any:
@@ -127,9 +138,22 @@ def _on_pooled_connection(client: redis.Redis, io: Callable[[Any], Any]) -> Any:
         pool.release(conn)
 
 
-def _send_read(conn: Any, args: tuple[Any, ...]) -> Any:
+def _send_read(conn: Any, args: tuple[Any, ...], meanwhile: Callable[[], None] | None = None) -> Any:
     conn.send_command(*args)
+    if meanwhile is not None:
+        try:
+            _do(meanwhile)
+        except BaseException:
+            conn.disconnect()  # its reply is still to come: no later command may read it as its own
+            raise
     return conn.read_response()
+
+
+def _do(meanwhile: Callable[[], None]) -> None:
+    try:
+        meanwhile()
+    except Exception:
+        log.exception("work done while a Redis command was in flight failed; the command goes on")
 
 
 def send_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:

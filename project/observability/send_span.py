@@ -33,6 +33,15 @@ Used only when it can be the same. When any of these does not hold at a publish,
 Anything else asked of a span (an exception recorded, a status, an event, a name) turns it
 into the SDK's own span, with the same context and start time, before it is done. An error
 in a publish is recorded exactly as the SDK records it.
+
+Ending in two steps: while the publish's command is in flight, :meth:`_SendSpan.prepare_end`
+builds the ``ReadableSpan`` and looks up the processors' hand-off, so that ``end`` after the
+reply only stamps the end time and hands the span over. The code that runs after a blocking
+round trip is what a publish pays most for on a small virtual machine (its caches are cold
+then); the same work done while Redis answers costs the publish nothing. In an A/B of
+publishers pinned to one CPU, with metrics and tracing on: 0.88 of the untraced rate with
+the whole end after the reply, 0.90 to 0.92 with it prepared in flight. A span changed after
+its preparation (an attribute, an error, a processor added) ends the usual way.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-__all__ = ["VERIFIED_SDK", "SendSpans", "for_tracer"]
+__all__ = ["VERIFIED_SDK", "SendSpans", "for_tracer", "in_flight"]
 
 log = logging.getLogger("opentelemetry.sdk.trace")  # where the SDK warns of a span used after its end
 
@@ -92,10 +101,17 @@ def for_tracer(tracer: object) -> SendSpans | None:
     return SendSpans(tracer)
 
 
+def in_flight(span: object) -> Callable[[], None] | None:
+    """What to do with a publish's ``span`` while its command is in flight: get it ready to
+    end (:meth:`_SendSpan.prepare_end`); None for a span of another kind."""
+    return span.prepare_end if type(span) is _SendSpan else None
+
+
 class SendSpans:
     """Starts the PRODUCER spans of one tracer's publishes (:func:`for_tracer`)."""
 
-    __slots__ = ("_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer", "max_attributes")
+    __slots__ = ("_batch_type", "_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer",
+                 "max_attributes")  # fmt: skip
 
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk import trace as sdk
@@ -106,23 +122,33 @@ class SendSpans:
         self._processor = tracer.span_processor
         self._readable = sdk.ReadableSpan
         self._plain_types: tuple[type, ...] = (BatchSpanProcessor, SimpleSpanProcessor)
+        self._batch_type = BatchSpanProcessor
         # A span's attributes beyond this many go through the SDK's span, which drops them.
         limit = tracer._span_limits.max_span_attributes
         self.max_attributes: int = sys.maxsize if limit is None else limit
-        # (the processors tuple last looked at, whether they are all plain): one object, so
-        # that a thread never reads one tuple's verdict for another
-        self._checked: tuple[object, bool] = (None, False)
+        # (the processors tuple last looked at, whether they are all plain, the hand-off of a
+        # sampled span to them): one object, so that a thread never reads one tuple's verdict
+        # for another
+        self._checked: tuple[object, bool, tuple[Callable[[Any], None], ...]] = (None, False, ())
 
     def _simple(self) -> bool:
         """Whether the processors are ones whose ``on_start`` and ``_on_ending`` do nothing."""
         processors = getattr(self._processor, "_span_processors", None)
         checked = self._checked
         if checked[0] is not processors:
-            plain = type(self._processor) is self._sdk.SynchronousMultiSpanProcessor and all(
-                type(p) in self._plain_types for p in processors or ()
-            )
-            checked = self._checked = (processors, plain)
+            checked = self._checked = self._check(processors)
         return checked[1]
+
+    def _check(self, processors: Any) -> tuple[object, bool, tuple[Callable[[Any], None], ...]]:
+        plain = type(self._processor) is self._sdk.SynchronousMultiSpanProcessor and all(
+            type(p) in self._plain_types for p in processors or ()
+        )
+        # What each processor's on_end does with a sampled span (an unsampled one, neither
+        # keeps): a batch processor queues it, so that is called directly.
+        hand_off = tuple(
+            p._batch_processor.emit if type(p) is self._batch_type else p.on_end for p in (processors or ()) if plain
+        )
+        return processors, plain, hand_off
 
     def start(self, name: str, attributes: Mapping[str, str]) -> Span | None:
         """A started PRODUCER span named ``name``, or None: make it with ``start_span``.
@@ -161,8 +187,23 @@ class SendSpans:
 
     def end(self, span: _SendSpan, end_time: int) -> None:
         """Hand a finished span to the processors, as the SDK's ``_Span.end`` does."""
+        readable = self._readable_of(span, end_time)
+        if span._record_end:
+            span._record_end()
+        self._processor.on_end(readable)
+
+    def prepare_end(self, span: _SendSpan) -> _Prepared | None:
+        """What :meth:`end` hands the processors, but for its end time, and how; None if the
+        processors are not plain (the span then ends the usual way)."""
+        if not self._simple():
+            return None
+        processors, _, hand_off = self._checked
+        readable = self._readable_of(span, None)  # the end time is stamped by _SendSpan.end
+        return readable, processors, hand_off if span._context.trace_flags.sampled else ()
+
+    def _readable_of(self, span: _SendSpan, end_time: int | None) -> Any:
         tracer = self._tracer
-        readable = self._readable(
+        return self._readable(
             name=span._name,
             context=span._context,
             parent=span._parent,
@@ -174,9 +215,6 @@ class SendSpans:
             end_time=end_time,
             instrumentation_scope=tracer._instrumentation_scope,
         )
-        if span._record_end:
-            span._record_end()
-        self._processor.on_end(readable)
 
     def sdk_span(self, span: _SendSpan) -> Any:
         """The SDK's own span for ``span``: the same context, parent, resource, attributes and start."""
@@ -202,6 +240,11 @@ class SendSpans:
         return sdk_span
 
 
+# A span ready to hand over (SendSpans.prepare_end): its ReadableSpan, the processors it was
+# made for, and their hand-off.
+_Prepared = tuple[Any, object, tuple[Callable[[Any], None], ...]]
+
+
 class _SendSpan(Span):
     """A recording PRODUCER span of a publish: its context and attributes until it ends.
 
@@ -209,8 +252,8 @@ class _SendSpan(Span):
     (``_as_sdk``), which does the rest. Used by one thread, as a publish uses it.
     """
 
-    __slots__ = ("_attributes", "_context", "_ended", "_maker", "_name", "_parent", "_record_end", "_resource",
-                 "_sdk_span", "_start_time")  # fmt: skip
+    __slots__ = ("_attributes", "_context", "_ended", "_maker", "_name", "_parent", "_prepared", "_record_end",
+                 "_resource", "_sdk_span", "_start_time")  # fmt: skip
 
     def __init__(
         self,
@@ -225,8 +268,15 @@ class _SendSpan(Span):
         self._maker, self._name, self._context, self._parent = maker, name, context, parent
         self._resource, self._attributes, self._record_end = resource, attributes, record_end
         self._sdk_span: Any = None
+        self._prepared: _Prepared | None = None
         self._ended = False
         self._start_time = time_ns()
+
+    def prepare_end(self) -> None:
+        """Get ready to end: called while the publish's command is in flight (see the module's
+        docstring). Changing the span afterwards undoes it."""
+        if self._sdk_span is None and not self._ended:
+            self._prepared = self._maker.prepare_end(self)
 
     def _as_sdk(self, doing: str = "") -> Any:
         """The SDK's span that stands in for this one from now on; after the end, a span
@@ -235,6 +285,7 @@ class _SendSpan(Span):
             if self._ended:
                 log.warning("Tried calling %s on an ended span.", doing or "a method")
                 return NonRecordingSpan(self._context)
+            self._prepared = None
             self._sdk_span = self._maker.sdk_span(self)
         return self._sdk_span
 
@@ -257,6 +308,7 @@ class _SendSpan(Span):
         elif self._ended:
             log.warning("Setting attribute on ended span.")
         else:
+            self._prepared = None
             attributes.pop(key, None)  # as the SDK's bounded attributes: a key set again moves last
             attributes[key] = value
 
@@ -265,6 +317,20 @@ class _SendSpan(Span):
             self.set_attribute(key, value)
 
     def end(self, end_time: int | None = None) -> None:
+        prepared = self._prepared
+        if prepared is not None:
+            self._prepared = None
+            readable, processors, hand_off = prepared
+            maker = self._maker
+            # Unchanged since prepare_end (a change drops it), and the processors are the same.
+            if maker._simple() and maker._checked[0] is processors and self._sdk_span is None and not self._ended:
+                self._ended = True
+                readable._end_time = end_time if end_time is not None else time_ns()
+                if self._record_end:
+                    self._record_end()
+                for hand in hand_off:
+                    hand(readable)
+                return
         if self._sdk_span is None and not self._ended and not self._maker._simple():
             self._as_sdk()  # a processor added since the start: its _on_ending is called
         if self._sdk_span is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -90,6 +91,52 @@ def test_a_call_cut_short_by_a_time_limit_leaves_no_reply_for_the_next_command(c
     # any BaseException): the next command gets its own reply, not the BLPOP's late nil.
     assert send_one(client, "ECHO", "after") == b"after"
     assert send_many(client, ("ECHO", "a"), ("ECHO", "b")) == [b"a", b"b"]
+
+
+def test_send_one_does_its_meanwhile_work_while_the_command_is_in_flight(client: redis.Redis) -> None:
+    key = f"{client.test_prefix}:k"  # type: ignore[attr-defined]
+    seen: list[bytes | None] = []
+    other = redis.Redis.from_url(REDIS_URL)
+
+    def meanwhile() -> None:  # the command is sent: another connection sees what it did
+        deadline = time.monotonic() + 5
+        while other.get(key) is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen.append(other.get(key))
+
+    try:
+        assert send_one(client, "SET", key, "v", meanwhile=meanwhile) in (b"OK", "OK")
+    finally:
+        other.close()
+    assert seen == [b"v"]
+    # The reply was read after the work: the connection is in step.
+    assert send_one(client, "ECHO", "next") == b"next"
+
+
+def test_meanwhile_work_that_fails_is_logged_and_the_command_answers(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"{client.test_prefix}:k"  # type: ignore[attr-defined]
+
+    def meanwhile() -> None:
+        raise ValueError("a bug in the work")
+
+    assert send_one(client, "INCR", key, meanwhile=meanwhile) == 1
+    assert "in flight failed" in caplog.text and "a bug in the work" in caplog.text
+    assert send_one(client, "ECHO", "next") == b"next"
+
+
+def test_meanwhile_work_cut_short_leaves_no_reply_for_the_next_command(client: redis.Redis) -> None:
+    key = f"{client.test_prefix}:k"  # type: ignore[attr-defined]
+
+    def meanwhile() -> None:
+        raise _TimeLimit()  # as a time limit's signal handler would, while the work runs
+
+    with pytest.raises(_TimeLimit):
+        send_one(client, "INCR", key, meanwhile=meanwhile)
+    assert client.get(key) == b"1"  # sent, and done: only its reply was never read
+    for n in range(3):
+        assert send_one(client, "ECHO", f"n{n}") == f"n{n}".encode()
 
 
 def test_lease_tokens_are_unique_and_name_their_process() -> None:

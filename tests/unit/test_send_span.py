@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from time import time_ns
 from typing import Any
 
 import pytest
@@ -107,8 +108,12 @@ class Setup:
         self.tracer: Any = self.provider.get_tracer("eventbus")
         self.fast = send_span.for_tracer(self.tracer)
 
-    def both(self, use: Any = None) -> tuple[Any, Any]:
-        """The span made by start_span and by SendSpans, each handed to ``use`` and ended."""
+    def both(self, use: Any = None, prepare: str = "") -> tuple[Any, Any]:
+        """The span made by start_span and by SendSpans, each handed to ``use`` and ended.
+
+        ``prepare``: when SendSpans' span gets ready to end, as a publish has it do while its
+        command is in flight: "before" or "after" ``use``, or never ("").
+        """
         made = []
         for fast in (False, True):
             self.ids.rewind()
@@ -120,8 +125,12 @@ class Setup:
             else:
                 span = self.tracer.start_span(NAME, kind=SpanKind.PRODUCER, attributes=ATTRIBUTES)
             span.set_attribute("messaging.message.id", EVENT_ID)
+            if fast and prepare == "before":
+                span.prepare_end()
             if use is not None:
                 use(span)
+            if fast and prepare == "after":
+                span.prepare_end()
             span.end()
             finished = self.exporter.get_finished_spans()
             made.append((span, finished[0] if finished else None))
@@ -383,3 +392,114 @@ def test_an_id_generator_that_answers_none_for_random_ids_gives_the_sdks_flags()
     setup.ids.is_trace_id_random = lambda: None  # type: ignore[assignment,return-value]
     fields = _same(setup.both())
     assert not fields["context"].trace_flags.random_trace_id
+
+
+# Ending in two steps (send_span's docstring): ready while the command is in flight, handed
+# over at the end.
+
+
+@pytest.mark.parametrize("prepare", ["before", "after"])
+def test_a_span_readied_while_its_command_is_in_flight_is_the_sdks(prepare: str, current_parent: SpanContext) -> None:
+    fields = _same(Setup().both(lambda span: span.set_attribute("messaging.batch.message_count", "1"), prepare))
+    assert fields["attributes"]["messaging.batch.message_count"] == "1"
+    assert fields["parent"] == current_parent
+    assert fields["ordered"]
+
+
+@pytest.mark.parametrize("prepare", ["before", "after"])
+def test_an_error_after_the_span_was_readied_is_recorded_as_the_sdk_records_it(prepare: str) -> None:
+    def fail(span: Any) -> None:
+        span.record_exception(ConnectionError("Redis went away"))
+        span.set_status(trace.Status(StatusCode.ERROR, "ConnectionError: Redis went away"))
+
+    fields = _same(Setup().both(fail, prepare))
+    assert fields["json"]["status"]["status_code"] == "ERROR"
+    assert [e["name"] for e in fields["json"]["events"]] == ["exception"]
+
+
+def test_a_readied_span_ends_when_end_is_called_not_when_it_was_readied() -> None:
+    setup = Setup()
+    assert setup.fast is not None
+    span = setup.fast.start(NAME, ATTRIBUTES)
+    assert isinstance(span, send_span._SendSpan)
+    span.prepare_end()
+    assert span.is_recording()
+    assert setup.exporter.get_finished_spans() == ()  # nothing handed over before the end
+    ready = time_ns()
+    span.end()
+    assert not span.is_recording()
+    (exported,) = setup.exporter.get_finished_spans()
+    assert exported.end_time is not None and exported.end_time >= ready
+    span.end()  # once only, as the SDK's
+    assert len(setup.exporter.get_finished_spans()) == 1
+
+
+def test_a_readied_span_reaches_a_batch_processor_once_and_an_unsampled_one_does_not() -> None:
+    for sampler, exported in ((None, 1), (_RecordOnly(), 0)):
+        setup = Setup(sampler=sampler)
+        batched = InMemorySpanExporter()
+        setup.provider.add_span_processor(BatchSpanProcessor(batched))
+        assert setup.fast is not None
+        span = setup.fast.start(NAME, ATTRIBUTES)
+        assert isinstance(span, send_span._SendSpan)
+        span.prepare_end()
+        span.end()
+        span.end()
+        setup.provider.force_flush()
+        assert len(batched.get_finished_spans()) == exported
+        assert len(setup.exporter.get_finished_spans()) == exported
+        setup.provider.shutdown()
+
+
+def test_a_processor_added_after_the_span_was_readied_sees_what_it_would_see_of_the_sdks() -> None:
+    class Recording(SpanProcessor):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def _on_ending(self, span: Any) -> None:
+            self.calls.append("_on_ending")
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.calls.append("on_end")
+
+    setup = Setup()
+    assert setup.fast is not None
+    span = setup.fast.start(NAME, ATTRIBUTES)
+    assert isinstance(span, send_span._SendSpan)
+    span.prepare_end()
+    added = Recording()
+    setup.provider.add_span_processor(added)
+    span.end()
+    assert added.calls == ["_on_ending", "on_end"]
+    assert len(setup.exporter.get_finished_spans()) == 1
+
+
+def test_the_tracers_own_metrics_count_a_readied_span_as_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    setup = Setup()
+    assert setup.fast is not None
+    span = setup.fast.start(NAME, ATTRIBUTES)
+    assert isinstance(span, send_span._SendSpan)
+    span.prepare_end()
+    span.end()
+    live = _points(setup.metrics.get_metrics_data())["otel.sdk.span.live"]
+    assert [value for _, value in live] == [0]
+
+
+class _RecordOnly(Sampler):
+    """Records every span and samples none: a processor that exports keeps none of them."""
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: types.Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_ONLY, attributes)
+
+    def get_description(self) -> str:
+        return "RecordOnly"
