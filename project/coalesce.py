@@ -252,10 +252,12 @@ class Coalescer:
                 writer.writelines(packed)
                 if writer.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
                     await asyncio.wait_for(writer.drain(), conn.socket_timeout)
-        except _RETRYABLE:  # asyncio.TimeoutError is TimeoutError, an OSError
+        except _RETRYABLE as exc:  # asyncio.TimeoutError is TimeoutError, an OSError
             await _drop(pool, conn)
             if not _retries(conn):
-                raise
+                if isinstance(exc, redis.RedisError):
+                    raise
+                raise _as_redis_error(exc) from exc
             return None
         except BaseException:
             await _drop(pool, conn)
@@ -270,9 +272,11 @@ class Coalescer:
         if conn is not None:
             try:
                 results = await self._read(conn, len(commands))
-            except _RETRYABLE:  # the connection broke (it is closed): sent again below, if retries are on
+            except _RETRYABLE as exc:  # the connection broke (it is closed): sent again below, if retries are on
                 if not _retries(conn):
-                    raise
+                    if isinstance(exc, redis.RedisError):
+                        raise
+                    raise _as_redis_error(exc) from exc
                 results = None
         if results is None:
             results = await self._execute(commands)
@@ -351,6 +355,15 @@ async def _drop(pool: Any, conn: Any) -> None:
         await conn.disconnect(nowait=True)
     finally:
         await pool.release(conn)
+
+
+def _as_redis_error(exc: OSError) -> redis.RedisError:
+    """A socket's own error (a wait for Redis to read that timed out, a reset) as redis-py
+    raises a broken write or read: its ``TimeoutError`` or ``ConnectionError``, which the
+    bus reports as an unknown outcome."""
+    if isinstance(exc, TimeoutError):
+        return redis.TimeoutError(f"Redis did not take the write in time ({exc!r})")
+    return redis.ConnectionError(f"the connection to Redis broke ({exc!r})")
 
 
 def _retries(conn: Any) -> bool:

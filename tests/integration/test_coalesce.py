@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -304,3 +306,38 @@ def test_a_cancelled_call_leaves_the_others_of_its_round_trip_alone(tmp_path: Pa
         assert len(stored) == 25
         entries = redis.Redis.from_url(url).xrange(bus.keys.stream)
         assert {json.loads(f[b"e"])["event_id"] for _, f in entries} >= set(stored)
+
+
+def test_a_batch_redis_stalls_under_fails_every_call_with_an_unknown_outcome(tmp_path: Path) -> None:
+    # Redis stopped (SIGSTOP: a host stalled, a process swapped out) under large events: the
+    # round trip outlasts the client's socket timeout. Here the kernel's socket buffers take
+    # the writes and the read times out; a write that waits on a full buffer is turned into
+    # the same redis-py error by coalesce._as_redis_error.
+    with redis_server(tmp_path) as url:
+        settings = Settings(
+            redis_url=f"{url}?socket_timeout=1",
+            events_prefix=f"co{uuid.uuid4().hex[:8]}",
+            event_contract_modules=[],
+            events_max_data_bytes=1_000_000,
+        )
+        bus = EventBus(settings)
+        client = redis.Redis.from_url(url)
+        pid = int(client.info("server")["process_id"])
+        blob = "x" * 900_000
+
+        async def main() -> list[object]:
+            try:
+                await bus.publish("load.item.made", {"n": 0})  # connected, the script loaded
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    calls = (bus.publish("load.item.made", {"blob": blob, "n": n}) for n in range(64))
+                    return list(await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60))
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+            finally:
+                await bus.aclose()
+
+        outcomes = asyncio.run(main())
+        assert outcomes and all(isinstance(o, PublishOutcomeUnknown) for o in outcomes), {
+            type(o).__name__ for o in outcomes
+        }
