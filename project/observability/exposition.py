@@ -38,6 +38,10 @@ def serve_process(settings: Settings, *, router: bool, log_writer: bool) -> int 
     """
     if not settings.metrics_enabled:
         return None
+    # One process: its counts live in memory and are served from its registry. Never in
+    # PROMETHEUS_MULTIPROC_DIR (set for a worker beside it, or inherited), whose files a
+    # worker's listener sums: they would be counted there a second time.
+    values.ValueClass = values.MutexValue
     registry = CollectorRegistry()
     metrics.enable(registry)
     client = redis_client(settings, socket_timeout=5)

@@ -62,9 +62,10 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
     router_port, writer_port, worker_port = _free_port(), _free_port(), _free_port()
     files = tmp_path / "prometheus"
     on = {"METRICS_ENABLED": "1", "PROMETHEUS_MULTIPROC_DIR": str(files)}
-    stack.start_worker(concurrency=2, METRICS_WORKER_PORT=str(worker_port), **on)
-    stack.start_router("router", "--no-log-writer", METRICS_ROUTER_PORT=str(router_port), **on)
-    stack.start(
+    # One directory for all three, as an environment set for every process would give it.
+    worker_proc = stack.start_worker(concurrency=2, METRICS_WORKER_PORT=str(worker_port), **on)
+    router_proc = stack.start_router("router", "--no-log-writer", METRICS_ROUTER_PORT=str(router_port), **on)
+    writer_proc = stack.start(
         "log-writer",
         sys.executable,
         "-m",
@@ -150,9 +151,15 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
     assert _value(worker, "eventbus_handler_duration_seconds_count", handler=h + "long_runner") == 2
     assert _value(worker, "eventbus_handler_duration_seconds_sum", handler=h + "long_runner") >= 2.0
     assert _sum(worker, "eventbus_delivery_start_delay_seconds_count") == runs
-    # Both children recorded (one file per process), and the listener summed them.
-    pids = {p.stem.rsplit("_", 1)[-1] for p in files.glob("counter_*.db")}
-    assert len(pids) >= 2, sorted(files.iterdir())
+    # Both children recorded (one file per process), and the listener summed them; the router
+    # and the log writer, one process each, counted in memory, so the worker did not sum
+    # their counts in with its own.
+    pids = {int(p.stem.rsplit("_", 1)[-1]) for p in files.glob("*.db")}
+    children = pids - {worker_proc.pid}
+    assert len(children) >= 2, sorted(files.iterdir())
+    assert not pids & {router_proc.pid, writer_proc.pid}, sorted(files.iterdir())
+    assert _sum(worker, "eventbus_events_dispatched_total") == 0
+    assert _sum(worker, "eventbus_log_writer_rows_written_total") == 0
 
     rows = stack.query("SELECT (SELECT count(*) FROM events_log), (SELECT count(*) FROM event_deliveries)")[0]
     assert rows == (events, deliveries)
