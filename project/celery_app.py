@@ -7,6 +7,7 @@ one task registered per subscription) when a worker or beat starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import partial
 from typing import Any
@@ -22,6 +23,8 @@ from project.observability.exposition import forget_worker_child, serve_worker
 from project.settings import get_settings
 
 __all__ = ["app", "load_handlers"]
+
+log = logging.getLogger("eventbus.metrics")
 
 app = Celery("project")
 app.config_from_object("celeryconfig")
@@ -46,9 +49,19 @@ def _on_worker_start(sender: Any = None, **_: Any) -> None:
     # The leases its main process took on receipt go back with messages put back unstarted,
     # once its pool processes are gone (a warm shutdown): see project.kombu_fixes.
     kombu_fixes.release_leases_on_restore(partial(kombu_fixes.pool_processes_gone, sender, os.getpid()))
+    settings = get_settings()
+    otel_sdk.configure(settings, service_name="eventbus-worker")
     # Also before the fork: the children inherit multiprocess mode and its directory.
-    serve_worker(get_settings())
-    otel_sdk.configure(get_settings(), service_name="eventbus-worker")
+    try:
+        serve_worker(settings)
+    except OSError as exc:  # the port is taken: the worker runs on, without its listener
+        log.error(
+            "metrics: cannot listen on %s:%d (%s); this worker serves no /metrics. Give each "
+            "worker on a host a METRICS_WORKER_PORT of its own",
+            settings.metrics_address,
+            settings.metrics_worker_port,
+            exc,
+        )
 
 
 def _on_child_exit(pid: int | None = None, **_: Any) -> None:

@@ -183,3 +183,30 @@ def test_a_router_with_metrics_off_listens_on_no_port(stack: Stack) -> None:
     assert "metrics on" not in stack.log("router")
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so_runs_on_and_still_exports_its_spans(stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack.start_worker(
+            queues="alpha",
+            METRICS_ENABLED="1",
+            METRICS_WORKER_PORT=str(port),
+            OTEL_TRACES_EXPORTER="console",  # spans as JSON on the worker's output (its log here)
+            OTEL_SERVICE_NAME="worker-under-test",
+        )
+        stack.start_router()
+        event_id = stack.bus().publish_sync("user.birth_data.updated", {"user_id": 1})
+        stack.wait_query(
+            "SELECT status FROM event_deliveries WHERE event_id = :e",
+            until=lambda rows: [r.status for r in rows] == ["succeeded"],
+            e=event_id,
+        )
+        stack.stop("worker")  # a warm shutdown: each pool process flushes its batched spans
+    log = stack.log("worker")
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "serves no /metrics" in log
+    assert '"name": "process user.birth_data.updated"' in log
+    assert f'"messaging.message.id": "{event_id}"' in log
+    assert '"service.name": "worker-under-test"' in log
