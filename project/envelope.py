@@ -287,6 +287,10 @@ def _encode_plain(envelope: dict[str, Any], max_bytes: int) -> str | None:
         return None
     if len(encoded) > max_bytes or (b"\\" in encoded and _NUL_BYTES in encoded):  # a NUL: the model decides
         return None
+    # Deeper than the router's parser reads: the model path refuses it. Each level opens a
+    # bracket, so only JSON with that many brackets is walked.
+    if encoded.count(b"[") + encoded.count(b"{") > MAX_DEPTH and _deeper_than(envelope, MAX_DEPTH):
+        return None
     return encoded.decode()
 
 
@@ -297,6 +301,11 @@ def _encode_checked(envelope: dict[str, Any], event_type: str, max_bytes: int) -
     Raises:
         InvalidEventData, PayloadNotSerializable, PayloadTooLarge.
     """
+    if _deeper_than(envelope, MAX_DEPTH):
+        raise InvalidEventData(
+            f"data of {event_type!r} is nested too deep: the envelope, its data and what the data holds "
+            f"may be at most {MAX_DEPTH} objects and arrays deep, as the router reads them"
+        )
     try:
         Envelope.model_validate(envelope)
     except ValidationError as exc:
@@ -305,11 +314,6 @@ def _encode_checked(envelope: dict[str, Any], event_type: str, max_bytes: int) -
         encoded = _ENCODER.encode(envelope)
     except (TypeError, ValueError) as exc:
         raise PayloadNotSerializable(f"data of {event_type!r} is not JSON-serialisable: {exc}") from exc
-    if len(encoded) > max_bytes:  # ASCII-only (ensure_ascii), so characters are bytes
-        raise PayloadTooLarge(
-            f"event {event_type!r} encodes to {len(encoded)} bytes, over the limit of {max_bytes} "
-            "(EVENTS_MAX_DATA_BYTES): carry IDs in events, not whole objects"
-        )
     if _NUL in encoded and _has_nul(envelope):
         raise InvalidEventData(
             f"event {event_type!r} holds a NUL character (U+0000) in a string; PostgreSQL cannot store it"
@@ -319,7 +323,38 @@ def _encode_checked(envelope: dict[str, Any], event_type: str, max_bytes: int) -
             f"event {event_type!r} holds a lone surrogate (U+D800..U+DFFF) in a string, which is not "
             "valid Unicode: no JSON parser or PostgreSQL accepts it"
         )
+    # Checked above in ASCII (the escapes show a NUL or a surrogate); stored, and measured, as
+    # UTF-8, as the fast path writes it and the router measures it.
+    if not encoded.isascii() or "\\u" in encoded:
+        encoded = _UTF8_ENCODER.encode(envelope)
+    size = len(encoded) if encoded.isascii() else len(encoded.encode())
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"event {event_type!r} encodes to {size} bytes, over the limit of {max_bytes} "
+            "(EVENTS_MAX_DATA_BYTES): carry IDs in events, not whole objects"
+        )
     return encoded
+
+
+#: How deep the router's JSON parser reads (pydantic's, at 200 levels): the envelope object
+#: is the first level, its ``data`` the second.
+MAX_DEPTH = 200
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether ``value`` nests dicts and lists (tuples) more than ``limit`` levels, itself the
+    first; walked without recursion, and no further than ``limit + 1`` levels."""
+    level: list[object] = [value]
+    depth = 0
+    while level:
+        containers = [v for v in level if isinstance(v, Mapping | list | tuple)]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [x for c in containers for x in (c.values() if isinstance(c, Mapping) else c)]
+    return False
 
 
 # A NUL inside any JSON string is encoded as this escape (ensure_ascii): a cheap pre-check
@@ -376,6 +411,7 @@ def _default(value: object) -> object:
 
 # Built once: json.dumps with any option builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
+_UTF8_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default, ensure_ascii=False)
 
 
 class Envelope(BaseModel):

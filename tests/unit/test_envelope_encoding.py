@@ -21,7 +21,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from project import envelope as env_module
 from project.context import handling
 from project.envelope import decode_envelope, encode_envelope, new_event_id, now_iso
-from project.errors import EventBusError, InvalidEventData, PayloadNotSerializable, PayloadTooLarge
+from project.errors import (
+    EventBusError,
+    InvalidEventData,
+    MalformedEnvelope,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+)
 from project.observability import metrics, tracing
 
 MAX = 64 * 1024
@@ -139,6 +145,47 @@ def test_the_size_limit_counts_the_bytes_sent() -> None:
     _encode({"blob": "ü" * 20_000})  # 40 kB sent (each would be 6 bytes as an ASCII escape)
     with pytest.raises(PayloadTooLarge):
         _encode({"blob": "x" * 70_000})
+
+
+@pytest.mark.parametrize("path", ["cheap", "checked"])
+def test_the_size_limit_counts_the_same_bytes_on_either_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    encode = _encode if path == "cheap" else lambda data, **kw: _checked(data, monkeypatch, **kw)
+    limit = 64 * 1024
+    _, raw = encode({"blob": "ü" * 20_000}, max_bytes=limit)  # 40 kB of UTF-8; 120 kB of ASCII escapes
+    assert len(raw.encode()) <= limit
+    assert decode_envelope(raw.encode(), limit).data["blob"] == "ü" * 20_000
+    with pytest.raises(PayloadTooLarge, match="over the limit"):
+        encode({"blob": "ü" * 33_000}, max_bytes=limit)
+
+
+def _nested(depth: int, kind: str) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+@pytest.mark.parametrize("path", ["cheap", "checked"])
+def test_data_nested_deeper_than_the_router_reads_is_refused_at_publish(
+    kind: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encode = _encode if path == "cheap" else lambda data, **kw: _checked(data, monkeypatch, **kw)
+    # The envelope is the first level, data the second: data["d"] may nest 198 more.
+    _, raw = encode({"d": _nested(env_module.MAX_DEPTH - 2, kind)})
+    assert decode_envelope(raw, MAX).data["d"] == _nested(env_module.MAX_DEPTH - 2, kind)
+    for depth in (env_module.MAX_DEPTH - 1, 260, 5_000):  # past the parser; past orjson; past Python's recursion
+        with pytest.raises(InvalidEventData, match="nested too deep"):
+            encode({"d": _nested(depth, kind)})
+    # Past the limit is what the router refuses, so the limit is the router's.
+    too_deep = json.dumps({**json.loads(raw), "data": {"d": _nested(env_module.MAX_DEPTH - 1, kind)}})
+    with pytest.raises(MalformedEnvelope, match="recursion limit"):
+        decode_envelope(too_deep, MAX)
+
+
+def test_wide_data_with_many_brackets_is_not_mistaken_for_deep_data() -> None:
+    _, raw = _encode({"rows": [{"n": [i]} for i in range(500)]})
+    assert len(decode_envelope(raw, MAX).data["rows"]) == 500
 
 
 def test_what_only_the_standard_encoder_writes_still_goes_out(monkeypatch: pytest.MonkeyPatch) -> None:
