@@ -53,7 +53,7 @@ from project.kombu_fixes import take_leases_on_receipt
 from project.lease import LEASE_AT_HEADER, LEASE_HEADER, keeper, new_token
 from project.messages import FIRST_HEADER, UNCOUNTED_HEADER, UNCOUNTED_MAYBE, UNCOUNTED_STARTED
 from project.observability import metrics
-from project.observability.tracing import handler_span
+from project.observability.tracing import after_handling, handler_span
 from project.records import BufferLengths, delivery_record
 from project.redis_conn import LuaScript, send_many, send_one
 from project.registry import Subscription
@@ -477,7 +477,10 @@ class DeliveryTask(Task):  # type: ignore[misc]
         # stopped by the hop limit must still be able to report it. Its id is derived from
         # the delivery, so a report sent twice (a crash right after it) is stored once.
         try:
-            with handling({**event, "hops": 0}, sub.module, delivery_id=f"{task_id}/{MODULE_ERROR}"):
+            with (
+                handling({**event, "hops": 0}, sub.module, delivery_id=f"{task_id}/{MODULE_ERROR}"),
+                after_handling(event),  # the report joins the failed event's trace
+            ):
                 self.bus.publish_sync(
                     MODULE_ERROR,
                     {

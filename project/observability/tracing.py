@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -27,12 +28,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from project.observability import send_span
 
-__all__ = ["TRACE_FIELDS", "TraceFields", "active", "handler_span", "publish_span", "trace_fields"]
+__all__ = ["TRACE_FIELDS", "TraceFields", "active", "after_handling", "handler_span", "publish_span", "trace_fields"]
 
 #: The envelope fields that carry the trace context (both optional).
 TRACE_FIELDS = ("traceparent", "tracestate")
@@ -255,6 +256,14 @@ class _HandlerSpan(_SpanBlock):
         # handler cut short by a time limit or a lost worker failed.
         return not isinstance(exc, self._ignore)
 
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        span = self._span
+        if span is not None and exc is not None and self._is_error(exc):
+            _failed_run.last = (self._event.get("event_id"), span.get_span_context())
+        super().__exit__(exc_type, exc, tb)
+
 
 def handler_span(
     event: Mapping[str, Any], handler: str, queue: str, ignore: tuple[type[BaseException], ...] = ()
@@ -268,6 +277,45 @@ def handler_span(
     other, a BaseException included, is recorded and sets the span's status to ERROR.
     """
     return _HandlerSpan(event, handler, queue, ignore)
+
+
+# The last handler span of this thread that ended in an error, with its event's id: what is
+# published about that failure once the run is over continues the trace under it.
+_failed_run = threading.local()
+
+
+class _Within:
+    """``context`` made current for a ``with`` block (nothing, if None)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context | None) -> None:
+        self._context = context
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        if self._context is not None:
+            self._token = otel_context.attach(self._context)
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+def after_handling(event: Mapping[str, Any]) -> _Within:
+    """For a ``with`` block that publishes about ``event`` after its handler ran (the report
+    that a delivery is dead, from ``on_failure``): what it publishes continues the event's
+    trace, under the handler span that failed last in this thread, or else (a run in another
+    process: a hard time limit) under the span that published the event. A span already
+    current, as Celery's instrumentation keeps one, is left as it is.
+    """
+    if not active() or trace.get_current_span().get_span_context().is_valid:
+        return _Within(None)
+    last = getattr(_failed_run, "last", None)
+    if last is not None and last[0] == event.get("event_id"):
+        return _Within(trace.set_span_in_context(NonRecordingSpan(last[1])))
+    carrier = {k: event[k] for k in TRACE_FIELDS if isinstance(event.get(k), str)}
+    return _Within(_PROPAGATOR.extract(carrier) if carrier else None)
 
 
 def _parent(event: Mapping[str, Any]) -> tuple[Context | None, list[Link]]:

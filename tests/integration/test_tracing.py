@@ -26,7 +26,7 @@ from tests.integration import span_capture
 from project.events import event_bus
 
 with trace.get_tracer("checkout").start_as_current_span("POST /birth-data") as root:
-    event_id = event_bus.publish_sync("user.birth_data.updated", {"user_id": 7})
+    event_id = event_bus.publish_sync(sys.argv[1], json.loads(sys.argv[2]))
 print(json.dumps({"event_id": event_id, "in_memory": [s.name for s in span_capture.exporter.get_finished_spans()]}))
 """
 
@@ -37,9 +37,9 @@ def _spans(stack: Stack, count: int) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in stack.redis.lrange(key, 0, -1)]
 
 
-def _publish(stack: Stack) -> dict[str, Any]:
+def _publish(stack: Stack, event_type: str = "user.birth_data.updated", data: str = '{"user_id": 7}') -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-c", PUBLISHER],
+        [sys.executable, "-c", PUBLISHER, event_type, data],
         cwd=ROOT,
         env={**stack.env, "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -114,6 +114,24 @@ def test_the_demo_chain_forms_one_trace_from_the_publishing_span(stack: Stack) -
         "module.profile.calculated",
         "synthesis.completed",
     ]
+
+
+def test_the_report_of_a_dead_delivery_continues_the_trace_under_the_run_that_failed(stack: Stack) -> None:
+    _start(stack)
+    event_id = _publish(stack, "report.render.requested", "{}")["event_id"]
+    # root, its send, two failed runs, the module.error's send
+    spans = _spans(stack, 5)
+    assert len({s["trace_id"] for s in spans}) == 1, spans
+    send = next(s for s in spans if s["name"] == "send report.render.requested")
+    runs = [s for s in spans if s["name"] == "process report.render.requested"]
+    (report,) = [s for s in spans if s["name"] == "send module.error"]
+    assert len(runs) == 2 and all(r["status"] == "ERROR" and r["parent_id"] == send["span_id"] for r in runs)
+    assert report["parent_id"] in {r["span_id"] for r in runs}  # the last run, in the process that ran it
+    assert report["kind"] == "PRODUCER"
+    (row,) = stack.wait_query(
+        "SELECT data FROM events_log WHERE event_type = 'module.error'", until=lambda rows: len(rows) == 1
+    )
+    assert row.data["event_id"] == event_id and row.data["handler"] == H + "render"
 
 
 # Where `opentelemetry-instrument` puts its sitecustomize: first on PYTHONPATH, so Celery is
