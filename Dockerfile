@@ -10,7 +10,8 @@ COPY handlers ./handlers
 COPY tasks ./tasks
 COPY celeryconfig.py flowerconfig.py alembic.ini ./
 COPY migrations ./migrations
-RUN pip install . && useradd --system --home /app eventbus
+# [otel]: the OpenTelemetry SDK and OTLP exporter, used only when OTEL_* asks for traces.
+RUN pip install ".[otel]" && useradd --system --home /app eventbus
 
 USER eventbus
 CMD ["eventbus", "router"]

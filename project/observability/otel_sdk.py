@@ -29,7 +29,7 @@ def exporter_names(settings: Settings) -> list[str]:
     """The exporters ``OTEL_*`` asks for (empty: export nothing)."""
     if settings.otel_sdk_disabled:
         return []
-    if settings.otel_traces_exporter is not None:
+    if settings.otel_traces_exporter:  # empty is unset, as the OpenTelemetry specification has it
         names = [n.strip() for n in settings.otel_traces_exporter.split(",") if n.strip()]
         return [n for n in names if n != "none"]
     if settings.otel_exporter_otlp_endpoint or settings.otel_exporter_otlp_traces_endpoint:

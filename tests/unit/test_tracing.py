@@ -119,6 +119,9 @@ def test_spans_are_made_only_with_a_real_tracer_provider() -> None:
         ({"otel_traces_exporter": "none"}, []),
         ({"otel_traces_exporter": "console,otlp"}, ["console", "otlp"]),
         ({"otel_exporter_otlp_endpoint": "http://collector:4318"}, ["otlp"]),
+        # Empty is unset (docker-compose.yml passes both through, empty by default).
+        ({"otel_traces_exporter": "", "otel_exporter_otlp_endpoint": "http://collector:4318"}, ["otlp"]),
+        ({"otel_traces_exporter": "", "otel_exporter_otlp_endpoint": ""}, []),
         ({"otel_exporter_otlp_traces_endpoint": "http://c:4318/v1/traces", "otel_sdk_disabled": True}, []),
     ],
 )
