@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import urllib.request
 import uuid
@@ -210,3 +212,31 @@ def test_a_worker_whose_metrics_port_is_taken_says_so_runs_on_and_still_exports_
     assert '"name": "process user.birth_data.updated"' in log
     assert f'"messaging.message.id": "{event_id}"' in log
     assert '"service.name": "worker-under-test"' in log
+
+
+# The README's recipe for an application's own process, in a process of its own (metrics,
+# once on, stay on).
+_APP_PROCESS = """
+from prometheus_client import REGISTRY, generate_latest
+from project.events import event_bus
+from project.observability import metrics
+
+metrics.enable(REGISTRY)
+for _ in range(3):
+    event_bus.publish_sync("user.birth_data.updated", {"user_id": 1})
+print(generate_latest(REGISTRY).decode())
+"""
+
+
+def test_an_applications_process_counts_its_publishes_in_its_own_registry(stack: Stack) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _APP_PROCESS], env={**os.environ, **stack.env}, capture_output=True, text=True,
+        check=True, timeout=60,
+    )  # fmt: skip
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(done.stdout)
+        for s in family.samples
+    }
+    assert samples[("eventbus_events_published_total", (("event_type", "user.birth_data.updated"),))] == 3
+    assert stack.redis.xlen(stack.bus().keys.stream) == 3
