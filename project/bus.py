@@ -126,10 +126,13 @@ _UNDO_ERROR = "EVENTBUS-UNDO "  # PUBLISH_LUA's error for an XADD it had to, and
 
 
 def _publish_error(exc: redis.RedisError, event_type: str, event_id: str) -> Exception:
-    """The error a failed publish raises: refused (nothing stored) or of unknown outcome."""
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError) and not isinstance(
-        exc, redis.exceptions.AuthenticationError
-    ):
+    """The error a failed publish raises: refused (nothing stored) or of unknown outcome.
+
+    Unknown: the connection broke, or Redis's reply could not be read (the script may have
+    run). Refused: Redis said no (its own error reply), or the client refused to send.
+    """
+    broken = isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.exceptions.InvalidResponse)
+    if broken and not isinstance(exc, redis.exceptions.AuthenticationError):
         return PublishOutcomeUnknown(
             f"the connection to Redis failed while publishing {event_type!r} ({exc}); the event may "
             f"or may not be stored: publish it again with event_id={event_id!r}, which never stores it twice",

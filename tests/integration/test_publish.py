@@ -296,6 +296,34 @@ def test_publish_sync_whose_reply_is_lost_is_never_stored_twice(
             assert admin.get(bus.keys.published(expected)) == entry_id
 
 
+def test_publish_sync_whose_reply_cannot_be_read_says_the_outcome_is_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the script; its reply came back garbled (a proxy, a protocol bug): the event is
+    stored, so publish must not say that nothing was."""
+    real = redis.connection.Connection.read_response
+    garble: list[bool] = []
+
+    def read_then_garble(self: redis.connection.Connection, *args: object, **kwargs: object) -> object:
+        reply = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        if garble:
+            garble.pop()
+            self.disconnect()
+            raise redis.exceptions.InvalidResponse("Protocol Error: b'?'")
+        return reply
+
+    monkeypatch.setattr(redis.connection.Connection, "read_response", read_then_garble)
+    with redis_server(tmp_path) as url:
+        bus = _bus("garbled", url=url)
+        bus.publish_sync("user.created", {"a": 0})  # connected, script loaded
+        garble.append(True)
+        with pytest.raises(PublishOutcomeUnknown) as caught:
+            bus.publish_sync("user.created", {"a": 1})
+        event_id = caught.value.event_id
+        assert bus.publish_sync("user.created", {"a": 1}, event_id=event_id) == event_id
+        assert len(redis.Redis.from_url(url).xrange(bus.keys.stream)) == 2  # stored once
+
+
 def test_publish_sync_loads_a_lost_script_again(tmp_path: Path) -> None:
     with redis_server(tmp_path) as url:
         bus = _bus("noscript", url=url)
