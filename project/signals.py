@@ -144,7 +144,7 @@ def _on_unknown(sender: Any = None, message: Any = None, name: str | None = None
         "run `eventbus requeue-rejected` once a worker has it",
         name, id, keys.rejected_tasks,
     )  # fmt: skip
-    metrics.record_delivery(str(name), "rejected")
+    metrics.record_rejected(str(name))
     _record(str(name), str(id), _envelope(args), "rejected", error=f"unknown task {name!r} on a worker of {queue!r}")
 
 

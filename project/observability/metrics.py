@@ -24,6 +24,7 @@ __all__ = [
     "record_handler_run",
     "record_log_written",
     "record_published",
+    "record_rejected",
 ]
 
 #: What became of one copy of a delivery, as counted by ``eventbus_deliveries_total``.
@@ -124,6 +125,7 @@ def disable() -> None:
     """Stop recording in this process (the metric objects are dropped, not unregistered)."""
     global _metrics
     _metrics = None
+    _unknown_labels.clear()
 
 
 def enabled() -> Metrics | None:
@@ -160,6 +162,27 @@ def record_delivery(handler: str, outcome: str) -> None:
     """Count one copy of a delivery ending in ``outcome`` (one of :data:`DELIVERY_OUTCOMES`)."""
     if _metrics is not None:
         _metrics.deliveries.labels(handler, outcome).inc()
+
+
+#: Task names from messages no worker knew, kept as ``handler`` labels; any further one is
+#: counted as "other". Such a name comes from a message, not from the application's code:
+#: a producer sending made-up names must not grow the metrics without bound.
+MAX_UNKNOWN_TASK_LABELS = 100
+_unknown_labels: set[str] = set()
+
+
+def record_rejected(task_name: str) -> None:
+    """Count one message of a task no worker had (``outcome="rejected"``), by its task name
+    while there are few of them (:data:`MAX_UNKNOWN_TASK_LABELS`), then as "other"."""
+    if _metrics is None:
+        return
+    label = task_name[:200]
+    if label not in _unknown_labels:
+        if len(_unknown_labels) >= MAX_UNKNOWN_TASK_LABELS:
+            label = "other"
+        else:
+            _unknown_labels.add(label)
+    _metrics.deliveries.labels(label, "rejected").inc()
 
 
 def record_handler_run(handler: str, duration_s: float, start_delay_s: float | None) -> None:

@@ -53,3 +53,17 @@ def test_no_metric_is_labelled_by_an_event_or_user_id(registry: CollectorRegistr
     assert not labels & {"event_id", "user_id", "task_id", "correlation_id"}
     for family in registry.collect():
         assert family.name.startswith("eventbus_")
+
+
+def test_task_names_of_rejected_messages_are_few_labels_however_many_arrive(registry: CollectorRegistry) -> None:
+    for n in range(metrics.MAX_UNKNOWN_TASK_LABELS + 50):
+        metrics.record_rejected(f"made.up.task{n}")
+    metrics.record_rejected("made.up.task0")  # one already labelled keeps its label
+    metrics.record_rejected("x" * 10_000)
+    samples = [s for f in registry.collect() for s in f.samples if s.name == "eventbus_deliveries_total"]
+    labels = {s.labels["handler"] for s in samples}
+    assert len(labels) == metrics.MAX_UNKNOWN_TASK_LABELS + 1
+    by_label = {s.labels["handler"]: s.value for s in samples}
+    assert by_label["made.up.task0"] == 2
+    assert by_label["other"] == 51
+    assert all(s.labels["outcome"] == "rejected" for s in samples)
