@@ -27,7 +27,7 @@ from project.observability import metrics, tracing
 from project.observability.send_span import in_flight
 from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
-from project.redis_conn import async_redis_client, keys_for, redis_client, send_one
+from project.redis_conn import async_redis_client, cluster_known, is_cluster, keys_for, redis_client, send_one
 from project.registry import Declaration, Registry, Subscription, declarations, declare
 from project.settings import Settings, get_settings
 
@@ -283,6 +283,10 @@ class EventBus:
         if _capture is not None:  # the test kit's in-memory bus (project.testing)
             return _capture(event_type, event_id, encoded)
         try:
+            if self._target is None and not cluster_known(self.settings):
+                # Asked of Redis once, on a thread: a Redis that does not answer (a host gone,
+                # packets dropped) holds that thread up to its timeout, never this event loop.
+                await asyncio.to_thread(is_cluster, self.settings)
             if self._scoped or self._target is None:
                 coalescer, dedup_prefix = self._scope_coalescer(event_type)
             else:

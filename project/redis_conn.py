@@ -28,6 +28,7 @@ from project.settings import Settings
 __all__ = [
     "LuaScript",
     "async_redis_client",
+    "cluster_known",
     "is_cluster",
     "keys_for",
     "redis_client",
@@ -63,6 +64,11 @@ def is_cluster(settings: Settings) -> bool:
                 client.close()
             _known[url] = bool(int(info.get("cluster_enabled", 0)))
         return _known[url]
+
+
+def cluster_known(settings: Settings) -> bool:
+    """Whether :func:`is_cluster` answers at once, without asking Redis."""
+    return settings.redis_cluster is not None or settings.redis_url in _known
 
 
 def keys_for(settings: Settings) -> Keys:

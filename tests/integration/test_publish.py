@@ -371,3 +371,39 @@ def test_a_duplicate_whose_entry_a_redis_user_may_not_take_back_is_refused_not_p
         assert "published already" not in str(refused.value)
         assert admin.xlen(bus.keys.stream) == 3
         admin.close()
+
+
+def test_await_publish_to_a_redis_that_does_not_answer_never_blocks_the_event_loop() -> None:
+    # A listener that never accepts or reads: connecting works (the kernel's backlog), every
+    # read waits for the socket timeout (5 s for the first question, whether it is a cluster).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        bus = EventBus(Settings(redis_url=f"redis://127.0.0.1:{port}/0?socket_timeout=5", events_prefix="silent",
+                                event_contract_modules=[]))  # fmt: skip
+
+        async def main() -> tuple[BaseException | str, float]:
+            gaps: list[float] = []
+
+            async def tick() -> None:
+                last = asyncio.get_running_loop().time()
+                while True:
+                    await asyncio.sleep(0.05)
+                    now = asyncio.get_running_loop().time()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = asyncio.create_task(tick())
+            try:
+                outcome: BaseException | str = await bus.publish("user.created", {"a": 1})
+            except Exception as exc:
+                outcome = exc
+            finally:
+                ticker.cancel()
+                await bus.aclose()
+            return outcome, max(gaps, default=float("inf"))  # no tick at all: it never ran
+
+        outcome, longest_gap = asyncio.run(main())
+    assert isinstance(outcome, PublishOutcomeUnknown), outcome
+    assert longest_gap < 1.0, f"the event loop stood still for {longest_gap:.1f} s"
