@@ -25,7 +25,6 @@ from project.errors import InvalidContract, InvalidEventData, InvalidSubscriptio
 from project.keys import Keys, scope_of
 from project.observability import metrics, tracing
 from project.observability.send_span import in_flight
-from project.observability.tracing import publish_span
 from project.patterns import PatternTrie, validate_pattern
 from project.redis_conn import async_redis_client, cluster_known, is_cluster, keys_for, redis_client, send_one
 from project.registry import Declaration, Registry, Subscription, declarations, declare
@@ -249,9 +248,19 @@ class EventBus:
         if not tracing.active():
             event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
             return await self._store(event_type, event_id, encoded)
-        with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, span)
+        span, trace = tracing.start_send(event_type)
+        if span is None:  # it records nothing: its context in the envelope is all there is
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, trace)
             return await self._store(event_type, event_id, encoded)
+        try:
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, trace)
+            span.set_attribute("messaging.message.id", event_id)
+            return await self._store(event_type, event_id, encoded)
+        except BaseException as exc:
+            tracing.fail_send(span, exc)
+            raise
+        finally:
+            span.end()
 
     def publish_sync(
         self,
@@ -264,17 +273,31 @@ class EventBus:
     ) -> str:
         """The same as :meth:`publish`, for synchronous code (Celery tasks, scripts)."""
         event_type, data, version = self._typed(event_type, data)
-        if not tracing.active():  # no span: not even the context manager's
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version)
-            if current_outbox() is not None:
-                return self._keep(event_type, event_id, encoded)
-            return self.send_encoded(event_type, event_id, encoded)
-        with publish_span(event_type) as span:
-            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, span)
-            if current_outbox() is not None:
-                return self._keep(event_type, event_id, encoded)
+        if not tracing.active():
+            return self._deliver(event_type, *self._encode(event_type, data, user_id, module, event_id, version))
+        # The span is handled in place rather than by `with publish_span(...)`: a publish pays
+        # for the block's objects and calls in full (see "Performance" in the README).
+        span, trace = tracing.start_send(event_type)
+        if span is None:  # it records nothing: its context in the envelope is all there is
+            return self._deliver(event_type, *self._encode(event_type, data, user_id, module, event_id, version, trace))
+        try:
+            event_id, encoded = self._encode(event_type, data, user_id, module, event_id, version, trace)
+            span.set_attribute("messaging.message.id", event_id)
             # the span gets ready to end while Redis answers (project.observability.send_span)
-            return self._send(event_type, event_id, encoded, in_flight(span))
+            return self._deliver(event_type, event_id, encoded, in_flight(span))
+        except BaseException as exc:
+            tracing.fail_send(span, exc)
+            raise
+        finally:
+            span.end()
+
+    def _deliver(
+        self, event_type: str, event_id: str, encoded: str, meanwhile: Callable[[], None] | None = None
+    ) -> str:
+        """Send a built event, or keep it for the open exactly-once block to send after its commit."""
+        if current_outbox() is not None:
+            return self._keep(event_type, event_id, encoded)
+        return self._send(event_type, event_id, encoded, meanwhile)
 
     async def _store(self, event_type: str, event_id: str, encoded: str) -> str:
         """Send one event built by :meth:`publish`, coalesced with the loop's other publishes."""
@@ -386,11 +409,12 @@ class EventBus:
         module: str | None,
         event_id: str | uuid.UUID | None = None,
         version: int | None = None,
-        span: Any = None,
+        trace: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
-        """``(event_id, envelope JSON)``; inside the publish ``span`` (if tracing), which gets the id."""
+        """``(event_id, envelope JSON)``; ``trace``: the publish span's context as envelope
+        fields (:func:`tracing.start_send`), when tracing is on."""
         s = self.settings
-        encoded = encode_envelope(
+        return encode_envelope(
             event_type,
             data,
             user_id=user_id,
@@ -402,11 +426,8 @@ class EventBus:
             contract=partial(contracts.outgoing, within=s.event_contract_modules)
             if version is None
             else _Validated(version),
-            trace=None if span is None else tracing.trace_fields(span.get_span_context()),
+            trace=trace,
         )
-        if span is not None:
-            span.set_attribute("messaging.message.id", encoded[0])
-        return encoded
 
     def sync_client(self) -> redis.Redis:
         """This process's Redis client (created on first use; redis-py resets it after fork).

@@ -156,34 +156,42 @@ class SendSpans:
         ``attributes``: non-empty str keys, str values (what ``start_span`` would keep as they
         are); not changed (the span copies them).
         """
+        begun = self.begin(name, attributes)
+        if begun is None:
+            return None
+        span, trace_id, span_id, flags, trace_state = begun
+        return span or NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, trace_state))
+
+    def begin(self, name: str, attributes: Mapping[str, str]) -> _Begun | None:
+        """:meth:`start`, giving ``(span, trace id, span id, trace flags, trace state)``: the span
+        None when it records nothing (the sampler said so), whose context is then not made.
+        None where only ``start_span`` will do.
+        """
         tracer = self._tracer
         if not self._simple() or not tracer._is_enabled():
             return None
+        ids = tracer.id_generator
         current = otel_context.get_current()
         parent: SpanContext | None = trace.get_current_span(current).get_span_context() if current else None
         if parent is None or not parent.is_valid:
             parent = None
-            trace_id = tracer.id_generator.generate_trace_id()
-            random = bool(tracer.id_generator.is_trace_id_random())
+            trace_id = ids.generate_trace_id()
+            random = bool(ids.is_trace_id_random())
         else:
             trace_id = parent.trace_id
             random = bool(parent.trace_flags.random_trace_id)
         result = tracer.sampler.should_sample(None, trace_id, name, SpanKind.PRODUCER, attributes, ())
         decision = result.decision
-        context = SpanContext(
-            trace_id,
-            tracer.id_generator.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[decision.is_sampled(), random],
-            trace_state=result.trace_state,
-        )
+        span_id = ids.generate_span_id()
+        flags = _FLAGS[decision.is_sampled(), random]
         record_end = tracer._tracer_metrics.start_span(parent, decision)
         if not decision.is_recording():
-            return NonRecordingSpan(context)
+            return None, trace_id, span_id, flags, result.trace_state
+        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=result.trace_state)
         span = _SendSpan(self, name, context, parent, tracer.resource, dict(result.attributes), record_end)
         if result.attributes != attributes:  # the sampler added its own: the SDK cleans them
             span._as_sdk()
-        return span
+        return span, trace_id, span_id, flags, result.trace_state
 
     def end(self, span: _SendSpan, end_time: int) -> None:
         """Hand a finished span to the processors, as the SDK's ``_Span.end`` does."""
@@ -239,6 +247,10 @@ class SendSpans:
         sdk_span._start_time = span._start_time
         return sdk_span
 
+
+# What SendSpans.begin gives: the span (None when it records nothing), trace id, span id,
+# trace flags and trace state.
+_Begun = tuple["_SendSpan | None", int, int, TraceFlags, Any]
 
 # A span ready to hand over (SendSpans.prepare_end): its ReadableSpan, the processors it was
 # made for, and their hand-off.

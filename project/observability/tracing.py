@@ -33,7 +33,17 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from project.observability import send_span
 
-__all__ = ["TRACE_FIELDS", "TraceFields", "active", "after_handling", "handler_span", "publish_span", "trace_fields"]
+__all__ = [
+    "TRACE_FIELDS",
+    "TraceFields",
+    "active",
+    "after_handling",
+    "fail_send",
+    "handler_span",
+    "publish_span",
+    "start_send",
+    "trace_fields",
+]
 
 #: The envelope fields that carry the trace context (both optional).
 TRACE_FIELDS = ("traceparent", "tracestate")
@@ -193,6 +203,40 @@ class _PublishSpan(_SpanBlock):
         if span is None:
             span = _real_tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
         return self._held(span)
+
+
+def start_send(event_type: str) -> tuple[Span | None, dict[str, str]]:
+    """Start the PRODUCER span of a publish of ``event_type`` (never current); return it, and
+    its context as envelope fields. Tracing must be :func:`active`.
+
+    What ``with publish_span(...)`` does, without the ``with`` block's objects and calls,
+    which a publish pays for in full (see "Performance" in the README). The span is None
+    when it records nothing (the sampler's decision): nothing to end, and its context is
+    written straight from its ids. Otherwise the caller sets its attributes, records an
+    error with :func:`fail_send`, and ends it.
+    """
+    assert _real_tracer is not None
+    name, attributes = f"send {event_type}", _attributes_of_send(event_type)
+    begun = None if _send_spans is None else _send_spans.begin(name, attributes)
+    if begun is not None:
+        span, trace_id, span_id, flags, state = begun
+        fields = TraceFields(traceparent=f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")
+        if state:
+            fields["tracestate"] = state.to_header()
+        return span, fields
+    made = _real_tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+    if not made.is_recording():
+        made.end()
+        return None, trace_fields(made.get_span_context())
+    return made, trace_fields(made.get_span_context())
+
+
+def fail_send(span: Span, exc: BaseException) -> None:
+    """Record ``exc``, which ends a publish, on its span (as ``with publish_span(...)`` does:
+    an ``Exception`` is an error, a ``BaseException`` such as a cancellation is not)."""
+    if isinstance(exc, Exception) and span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
 
 
 def publish_span(event_type: str) -> _PublishSpan:

@@ -184,3 +184,77 @@ def test_celerys_own_instrumentation_joins_the_same_trace(stack: Stack, instrume
     assert sends["user.birth_data.updated"]["attributes"]["messaging.message.id"] == published["event_id"]
     assert sends["module.profile.calculated"]["parent_id"] == handled[H + "recalculate"]["span_id"]
     assert sends["synthesis.completed"]["parent_id"] == handled[H + "on_profile"]["span_id"]
+
+
+# A process of its own with an SDK provider (ALWAYS_ON, or what OTEL_TRACES_SAMPLER says) whose
+# spans stay in memory: what publish, sync and async, makes of them, failures included.
+_PUBLISH_OUTCOMES = """
+import asyncio, json, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+from project.bus import EventBus
+from project.errors import EventBusError
+from project.events import event_bus
+from project.settings import get_settings
+
+out = {}
+def attempt(name, call):
+    try:
+        out[name] = call()
+    except EventBusError as exc:
+        out[name] = type(exc).__name__
+attempt("sync", lambda: event_bus.publish_sync("user.created", {"a": 1}))
+attempt("async", lambda: asyncio.run(event_bus.publish("user.created", {"a": 2})))
+attempt("bad", lambda: event_bus.publish_sync("user.created", {"a": float("nan")}))
+gone = EventBus(get_settings().model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "redis_cluster": False}))
+attempt("gone", lambda: gone.publish_sync("user.created", {"a": 3}))
+provider.force_flush()
+out["spans"] = [
+    {"name": s.name, "status": s.status.status_code.name, "events": [e.name for e in s.events],
+     "id": (s.attributes or {}).get("messaging.message.id"), "span_id": f"{s.context.span_id:016x}"}
+    for s in exporter.get_finished_spans()
+]
+out["entries"] = [json.loads(f[b"e"]) for _, f in event_bus.sync_client().xrange(event_bus.keys.stream)]
+print(json.dumps(out))
+"""
+
+
+def _outcomes(stack: Stack, **env: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", _PUBLISH_OUTCOMES], cwd=ROOT, env={**stack.env, "PATH": "/usr/bin:/bin", **env},
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_every_publish_ends_its_span_once_and_a_failed_one_records_why(stack: Stack) -> None:
+    out = _outcomes(stack)
+    assert out["bad"] == "PayloadNotSerializable" and out["gone"] == "PublishOutcomeUnknown"
+    by_id = {s["id"]: s for s in out["spans"]}
+    assert [s["name"] for s in out["spans"]] == ["send user.created"] * 4
+    for key in ("sync", "async"):
+        assert by_id[out[key]]["status"] == "UNSET" and by_id[out[key]]["events"] == []
+    failed = [s for s in out["spans"] if s["status"] == "ERROR"]
+    assert len(failed) == 2 and all(s["events"] == ["exception"] for s in failed)
+    # Each stored envelope carries its own span's context, sampled.
+    for entry in out["entries"]:
+        assert entry["traceparent"].split("-")[2] == by_id[entry["event_id"]]["span_id"]
+        assert int(entry["traceparent"].rsplit("-", 1)[1], 16) & 1  # sampled
+    assert {e["event_id"] for e in out["entries"]} == {out["sync"], out["async"]}
+
+
+def test_a_publish_whose_span_records_nothing_still_carries_its_context(stack: Stack) -> None:
+    out = _outcomes(stack, OTEL_TRACES_SAMPLER="always_off")
+    assert out["spans"] == []
+    assert out["bad"] == "PayloadNotSerializable" and out["gone"] == "PublishOutcomeUnknown"
+    assert {e["event_id"] for e in out["entries"]} == {out["sync"], out["async"]}
+    for entry in out["entries"]:
+        version, trace_id, span_id, flags = entry["traceparent"].split("-")
+        assert version == "00" and not int(flags, 16) & 1 and int(trace_id, 16) and int(span_id, 16)
