@@ -14,7 +14,10 @@ Made the same way as the SDK's ``start_span`` (verified span by span in ``tests/
 - the parent: the current span, if its context is valid; otherwise a new trace, its id from
   the tracer's id generator;
 - the tracer's sampler, called with the same arguments; its decision, trace state and
-  attributes;
+  attributes. The SDK's default sampler object (``DEFAULT_ON``: ``ParentBased(ALWAYS_ON)``)
+  is not called: its decision is the parent's sampled flag (sampled without a parent), the
+  trace state the parent's, the attributes the span's own, which takes a publish about 5%
+  less in the A/B below;
 - the trace flags: sampled or not, and the W3C random-trace-id flag, as the SDK sets them;
 - the span id from the tracer's id generator;
 - the tracer's self-metrics (spans started, spans live);
@@ -110,11 +113,12 @@ def in_flight(span: object) -> Callable[[], None] | None:
 class SendSpans:
     """Starts the PRODUCER spans of one tracer's publishes (:func:`for_tracer`)."""
 
-    __slots__ = ("_batch_type", "_checked", "_plain_types", "_processor", "_readable", "_sdk", "_tracer",
-                 "max_attributes")  # fmt: skip
+    __slots__ = ("_batch_type", "_checked", "_default_on", "_drop", "_plain_types", "_processor", "_readable",
+                 "_record_and_sample", "_sdk", "_tracer", "max_attributes")  # fmt: skip
 
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk import trace as sdk
+        from opentelemetry.sdk.trace import sampling
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
         self._sdk = sdk
@@ -123,6 +127,11 @@ class SendSpans:
         self._readable = sdk.ReadableSpan
         self._plain_types: tuple[type, ...] = (BatchSpanProcessor, SimpleSpanProcessor)
         self._batch_type = BatchSpanProcessor
+        # The default sampler (OTEL_TRACES_SAMPLER unset, or parentbased_always_on), this very
+        # object: its decision is made here without the call (see begin).
+        self._default_on = sampling.DEFAULT_ON
+        self._record_and_sample: Any = sampling.Decision.RECORD_AND_SAMPLE
+        self._drop: Any = sampling.Decision.DROP
         # A span's attributes beyond this many go through the SDK's span, which drops them.
         limit = tracer._span_limits.max_span_attributes
         self.max_attributes: int = sys.maxsize if limit is None else limit
@@ -180,18 +189,26 @@ class SendSpans:
         else:
             trace_id = parent.trace_id
             random = bool(parent.trace_flags.random_trace_id)
-        result = tracer.sampler.should_sample(None, trace_id, name, SpanKind.PRODUCER, attributes, ())
-        decision = result.decision
+        if tracer.sampler is self._default_on:
+            # The SDK's default sampler, ParentBased(ALWAYS_ON), as it decides: with the
+            # parent's sampled flag (sampled without a parent), the parent's trace state, and
+            # the span's attributes as they are.
+            decision = self._record_and_sample if parent is None or parent.trace_flags.sampled else self._drop
+            trace_state = None if parent is None else parent.trace_state
+            sampled_attributes: Mapping[str, Any] = attributes
+        else:
+            result = tracer.sampler.should_sample(None, trace_id, name, SpanKind.PRODUCER, attributes, ())
+            decision, trace_state, sampled_attributes = result.decision, result.trace_state, result.attributes
         span_id = ids.generate_span_id()
         flags = _FLAGS[decision.is_sampled(), random]
         record_end = tracer._tracer_metrics.start_span(parent, decision)
         if not decision.is_recording():
-            return None, trace_id, span_id, flags, result.trace_state
-        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=result.trace_state)
-        span = _SendSpan(self, name, context, parent, tracer.resource, dict(result.attributes), record_end)
-        if result.attributes != attributes:  # the sampler added its own: the SDK cleans them
-            span._as_sdk()
-        return span, trace_id, span_id, flags, result.trace_state
+            return None, trace_id, span_id, flags, trace_state
+        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state)
+        span = _SendSpan(self, name, context, parent, tracer.resource, dict(sampled_attributes), record_end)
+        if sampled_attributes is not attributes and sampled_attributes != attributes:
+            span._as_sdk()  # the sampler added its own: the SDK cleans them
+        return span, trace_id, span_id, flags, trace_state
 
     def end(self, span: _SendSpan, end_time: int) -> None:
         """Hand a finished span to the processors, as the SDK's ``_Span.end`` does."""
