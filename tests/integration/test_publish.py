@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,13 +257,9 @@ def test_publish_sync_reconnects_after_redis_closed_its_connection_and_reuses_on
         assert {decode_envelope(e, 1 << 20).event_id for e in _raw(admin, bus)} == {first, second}
 
 
-def test_publish_sync_whose_reply_is_lost_is_never_stored_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The connection fails after Redis stored the event, before its reply is read. With the
-    client's default Retry (none), publish says the outcome is unknown and publishing again
-    with its event_id stores nothing more; with a client that retries, the Retry sends it
-    again at once and the dedup key hands back the first entry."""
+def _lose_replies(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) -> list[bool]:
+    """For each True appended to the list returned, the next reply read is read, then lost:
+    the connection is closed and ``error()`` raised in its place."""
     real = redis.connection.Connection.read_response
     lose: list[bool] = []
 
@@ -272,10 +268,21 @@ def test_publish_sync_whose_reply_is_lost_is_never_stored_twice(
         if lose:
             lose.pop()
             self.disconnect()
-            raise redis.ConnectionError("connection lost while reading the reply")
+            raise error()
         return reply
 
     monkeypatch.setattr(redis.connection.Connection, "read_response", read_then_lose)
+    return lose
+
+
+def test_publish_sync_whose_reply_is_lost_is_never_stored_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection fails after Redis stored the event, before its reply is read. With the
+    client's default Retry (none), publish says the outcome is unknown and publishing again
+    with its event_id stores nothing more; with a client that retries, the Retry sends it
+    again at once and the dedup key hands back the first entry."""
+    lose = _lose_replies(monkeypatch, lambda: redis.ConnectionError("connection lost while reading the reply"))
     with redis_server(tmp_path) as url:
         bus = _bus("lostreply", url=url)
         admin = redis.Redis.from_url(url)
@@ -301,18 +308,7 @@ def test_publish_sync_whose_reply_cannot_be_read_says_the_outcome_is_unknown(
 ) -> None:
     """Redis ran the script; its reply came back garbled (a proxy, a protocol bug): the event is
     stored, so publish must not say that nothing was."""
-    real = redis.connection.Connection.read_response
-    garble: list[bool] = []
-
-    def read_then_garble(self: redis.connection.Connection, *args: object, **kwargs: object) -> object:
-        reply = real(self, *args, **kwargs)  # type: ignore[arg-type]
-        if garble:
-            garble.pop()
-            self.disconnect()
-            raise redis.exceptions.InvalidResponse("Protocol Error: b'?'")
-        return reply
-
-    monkeypatch.setattr(redis.connection.Connection, "read_response", read_then_garble)
+    garble = _lose_replies(monkeypatch, lambda: redis.exceptions.InvalidResponse("Protocol Error: b'?'"))
     with redis_server(tmp_path) as url:
         bus = _bus("garbled", url=url)
         bus.publish_sync("user.created", {"a": 0})  # connected, script loaded

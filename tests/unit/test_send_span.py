@@ -71,6 +71,8 @@ class Replay(IdGenerator):
 class Tagging(Sampler):
     """Samples everything and adds an attribute of its own, which the SDK cleans."""
 
+    decision, tags = Decision.RECORD_AND_SAMPLE, {"sampler.tags": [1, 2]}
+
     def should_sample(
         self,
         parent_context: Context | None,
@@ -81,10 +83,10 @@ class Tagging(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        return SamplingResult(Decision.RECORD_AND_SAMPLE, {**(attributes or {}), "sampler.tags": [1, 2]})
+        return SamplingResult(self.decision, {**(attributes or {}), **self.tags})
 
     def get_description(self) -> str:
-        return "Tagging"
+        return type(self).__name__
 
 
 class Setup:
@@ -486,66 +488,7 @@ def test_the_tracers_own_metrics_count_a_readied_span_as_the_sdks(monkeypatch: p
     assert [value for _, value in live] == [0]
 
 
-class _RecordOnly(Sampler):
-    """Records every span and samples none: a processor that exports keeps none of them."""
+class _RecordOnly(Tagging):
+    """Records every span and samples none, adding nothing: a processor that exports keeps none."""
 
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: types.Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        return SamplingResult(Decision.RECORD_ONLY, attributes)
-
-    def get_description(self) -> str:
-        return "RecordOnly"
-
-
-@pytest.mark.parametrize("remote", [True, False])
-@pytest.mark.parametrize("sampled", [True, False])
-def test_the_default_sampler_decided_without_its_call_decides_as_the_sdk(
-    remote: bool, sampled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from opentelemetry.sdk.trace import sampling
-
-    parent = SpanContext(
-        0x5B8EFFF798038103D269B633813FC60C,
-        0xEEE19B7EC3C1B174,
-        is_remote=remote,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
-        trace_state=TraceState([("vendor", "1")]),
-    )
-    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
-    try:
-        setup = Setup()
-        assert setup.tracer.sampler is sampling.DEFAULT_ON  # OTEL_TRACES_SAMPLER unset
-        (sdk_span, sdk), (fast_span, fast) = setup.both()
-        assert fast_span.get_span_context() == sdk_span.get_span_context()
-        assert fast_span.get_span_context().trace_flags.sampled == sampled
-        assert (fast is None) == (sdk is None) == (not sampled)
-        if sdk is not None and fast is not None:
-            assert _fields(fast) == _fields(sdk)
-        # ... and the sampler was not asked.
-        monkeypatch.setattr(sampling.DEFAULT_ON, "should_sample", lambda *a, **k: pytest.fail("asked"))
-        assert setup.fast is not None
-        assert setup.fast.begin(NAME, ATTRIBUTES) is not None
-    finally:
-        context.detach(token)
-
-
-def test_the_default_sampler_records_and_samples_a_root_span_without_its_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    from opentelemetry.sdk.trace import sampling
-
-    fields = _same(Setup().both())
-    assert fields["parent"] is None and fields["context"].trace_flags.sampled
-    assert fields["context"].trace_state == TraceState()
-    monkeypatch.setattr(sampling.DEFAULT_ON, "should_sample", lambda *a, **k: pytest.fail("asked"))
-    setup = Setup()
-    assert setup.fast is not None
-    span = setup.fast.start(NAME, ATTRIBUTES)
-    assert span is not None and span.is_recording()
-    span.end()
+    decision, tags = Decision.RECORD_ONLY, {}
