@@ -312,6 +312,12 @@ class EventBus:
                 await asyncio.to_thread(is_cluster, self.settings)
             if self._scoped or self._target is None:
                 coalescer, dedup_prefix = self._scope_coalescer(event_type)
+                if self._scoped:
+                    # A new asyncio RedisCluster learns the topology here, once, under its lock.
+                    # Left to a burst of first commands, it was learnt twice now and then, and
+                    # the second time closed connections the others were still opening: a
+                    # publish then raised redis-py's AttributeError (on None's writelines).
+                    await coalescer.client.initialize()
             else:
                 coalescer, dedup_prefix = self._coalescer(), self._dedup_prefix
             # concurrent calls on this loop share a round trip (project.coalesce)
