@@ -205,6 +205,9 @@ class Coalescer:
             if not isinstance(exc, Exception):
                 raise
             return
+        if len(outcomes) != len(batch):  # not from PUBLISH_LUA; still, never leave a caller waiting
+            _fail(batch, redis.exceptions.InvalidResponse(f"{len(outcomes)} replies to {len(batch)} publishes"))
+            return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its caller was cancelled
                 continue
