@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from project.messages import TaskMessage, task_message
+from project.messages import TaskMessage, delivery_task_id, task_message
 from tests.conftest import wait_for
 from tests.integration.conftest import Stack
 
@@ -177,6 +178,28 @@ def test_metrics_of_router_log_writer_and_prefork_worker_match_the_events(stack:
     assert _value(writer, "eventbus_log_buffer_oldest_age_seconds") == 0
     assert _value(writer, "eventbus_log_rejected_entries") == 0
     assert _value(writer, "eventbus_log_shed_records", kind="event") == 0
+
+    # A copy of a delivery that succeeded (a broker's late redelivery) is counted skipped, and
+    # a well-formed message of a task no worker has rejected, by its task name.
+    birth = stack.bus().keys.scoped("user.birth_data.updated").stream
+    entry = next(f for _, f in stack.redis.xrange(birth) if b"birth_data" in f.get(b"e", b""))
+    first_birth = json.loads(entry[b"e"])["event_id"]
+    for name in ("on_birth_data", "no_such_handler"):
+        stack.send_copy(task_message(
+            task_name=h + name, task_id=delivery_task_id(first_birth, h + name), queue="alpha",
+            envelope_json=entry[b"e"].decode(), event_type="user.birth_data.updated", event_id=first_birth,
+        ))  # fmt: skip
+    worker = _wait_scrape(
+        worker_port,
+        lambda s: (
+            _sum(s, "eventbus_deliveries_total", outcome="skipped") == 1
+            and _sum(s, "eventbus_deliveries_total", outcome="rejected") == 1
+        ),
+        "the late copy skipped, the unknown task's message rejected",
+    )
+    assert _value(worker, "eventbus_deliveries_total", handler=h + "on_birth_data", outcome="skipped") == 1
+    assert _value(worker, "eventbus_deliveries_total", handler=h + "no_such_handler", outcome="rejected") == 1
+    assert _sum(worker, "eventbus_deliveries_total", outcome="succeeded") == deliveries - 1  # no run again
 
 
 def test_a_router_with_metrics_off_listens_on_no_port(stack: Stack) -> None:
