@@ -275,8 +275,8 @@ class EventBus:
         event_type, data, version = self._typed(event_type, data)
         if not tracing.active():
             return self._deliver(event_type, *self._encode(event_type, data, user_id, module, event_id, version))
-        # The span is handled in place rather than by `with publish_span(...)`: a publish pays
-        # for the block's objects and calls in full (see "Performance" in the README).
+        # The span is handled in place, not by a `with` block: a publish pays for the block's
+        # objects and calls in full (see "Performance" in the README).
         span, trace = tracing.start_send(event_type)
         if span is None:  # it records nothing: its context in the envelope is all there is
             return self._deliver(event_type, *self._encode(event_type, data, user_id, module, event_id, version, trace))

@@ -40,7 +40,6 @@ __all__ = [
     "after_handling",
     "fail_send",
     "handler_span",
-    "publish_span",
     "start_send",
     "trace_fields",
 ]
@@ -138,8 +137,8 @@ def _attributes_of_send(event_type: str) -> dict[str, Any]:
 
 class _SpanBlock:
     """A span for a ``with`` block, without ``start_as_current_span``'s generator-based
-    context managers: a subclass's ``__enter__`` starts it and calls :meth:`_held`, or
-    :meth:`_current` to also make it the current span; on the way out an error is recorded
+    context managers: a subclass's ``__enter__`` starts it and calls :meth:`_current` to make
+    it the current span; on the way out an error is recorded
     (:meth:`_is_error`), the span is made no longer current if it was, and ended."""
 
     __slots__ = ("_span", "_token")
@@ -147,10 +146,6 @@ class _SpanBlock:
     def __init__(self) -> None:
         self._span: Span | None = None
         self._token: object = None
-
-    def _held(self, span: Span) -> Span:
-        self._span = span
-        return span
 
     def _current(self, span: Span) -> Span:
         self._span = span
@@ -178,39 +173,13 @@ class _SpanBlock:
             span.end()
 
 
-class _PublishSpan(_SpanBlock):
-    """The PRODUCER span of one publish (:func:`publish_span`).
-
-    Not made current: nothing inside a publish makes spans of its own (its one Redis command
-    goes out below redis-py's instrumented ``execute_command``), the envelope takes the
-    span's context directly, and making it current cost about 9 µs a publish, a fifth of
-    what tracing cost one. Made by :mod:`.send_span` where the SDK's own span would be no
-    different, by the tracer's ``start_span`` otherwise.
-    """
-
-    __slots__ = ("_event_type",)
-
-    def __init__(self, event_type: str) -> None:
-        super().__init__()
-        self._event_type = event_type
-
-    def __enter__(self) -> Span | None:
-        if not active():
-            return None
-        assert _real_tracer is not None
-        name, attributes = f"send {self._event_type}", _attributes_of_send(self._event_type)
-        span = None if _send_spans is None else _send_spans.start(name, attributes)
-        if span is None:
-            span = _real_tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
-        return self._held(span)
-
-
 def start_send(event_type: str) -> tuple[Span | None, dict[str, str]]:
     """Start the PRODUCER span of a publish of ``event_type`` (never current); return it, and
     its context as envelope fields. Tracing must be :func:`active`.
 
-    What ``with publish_span(...)`` does, without the ``with`` block's objects and calls,
-    which a publish pays for in full (see "Performance" in the README). The span is None
+    Not a ``with`` block: a publish pays for a block's objects and calls in full (see
+    "Performance" in the README). Not made current: nothing inside a publish makes spans of
+    its own, and the envelope takes the span's context directly. The span is None
     when it records nothing (the sampler's decision): nothing to end, and its context is
     written straight from its ids. Otherwise the caller sets its attributes, records an
     error with :func:`fail_send`, and ends it.
@@ -232,20 +201,11 @@ def start_send(event_type: str) -> tuple[Span | None, dict[str, str]]:
 
 
 def fail_send(span: Span, exc: BaseException) -> None:
-    """Record ``exc``, which ends a publish, on its span (as ``with publish_span(...)`` does:
-    an ``Exception`` is an error, a ``BaseException`` such as a cancellation is not)."""
+    """Record ``exc``, which ends a publish, on its span (as ``use_span`` does: an
+    ``Exception`` is an error, a ``BaseException`` such as a cancellation is not)."""
     if isinstance(exc, Exception) and span.is_recording():
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
-
-
-def publish_span(event_type: str) -> _PublishSpan:
-    """The PRODUCER span of one publish (None when tracing is off); the caller adds the id.
-
-    ``with publish_span(event_type) as span:`` starts it, without making it current: the
-    caller writes its context into the envelope (``trace_fields(span.get_span_context())``).
-    """
-    return _PublishSpan(event_type)
 
 
 @functools.lru_cache(maxsize=10_000)

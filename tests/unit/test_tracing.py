@@ -106,8 +106,7 @@ def test_an_event_published_inside_a_span_sends_its_context_in_the_task_headers(
 
 
 def test_spans_are_made_only_with_a_real_tracer_provider() -> None:
-    with tracing.publish_span("user.created") as span:
-        assert span is None
+    assert not tracing.active()  # so publish starts no span (tracing.start_send)
     with tracing.handler_span({"event_type": "user.created"}, "h", "q") as span:
         assert span is None
 
