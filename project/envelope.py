@@ -324,10 +324,10 @@ def _encode_checked(envelope: dict[str, Any], event_type: str, max_bytes: int) -
             "valid Unicode: no JSON parser or PostgreSQL accepts it"
         )
     # Checked above in ASCII (the escapes show a NUL or a surrogate); stored, and measured, as
-    # UTF-8, as the fast path writes it and the router measures it.
-    if not encoded.isascii() or "\\u" in encoded:
+    # UTF-8, as the fast path writes it and the router measures it. Only an escape can differ.
+    if "\\u" in encoded:
         encoded = _UTF8_ENCODER.encode(envelope)
-    size = len(encoded) if encoded.isascii() else len(encoded.encode())
+    size = len(encoded.encode())
     if size > max_bytes:
         raise PayloadTooLarge(
             f"event {event_type!r} encodes to {size} bytes, over the limit of {max_bytes} "
