@@ -45,6 +45,14 @@ then); the same work done while Redis answers costs the publish nothing. In an A
 publishers pinned to one CPU, with metrics and tracing on: 0.830 of the untraced rate with
 the whole end after the reply, 0.855 with it prepared in flight. A span changed after its
 preparation (an attribute, an error, a processor added) ends the usual way.
+
+Starting it does only what the ``traceparent`` needs before the command can go out: the ids
+(drawn from the random module directly when the tracer has the SDK's ``RandomIdGenerator``,
+the same draws in the same order), the sampling decision and the start time. Its
+``SpanContext`` is made in flight, its attributes are shared with every publish of its event
+type until it sets one, and the tracer's own span metrics are not called while the SDK keeps
+them off. The same A/B: 0.874 of the untraced rate before, 0.906 after (400 pairs; the new
+code 1.028 times the old one, in the same pairs).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import logging
 import sys
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from random import getrandbits as _getrandbits
 from time import time_ns
 from types import TracebackType
 from typing import Any
@@ -69,7 +78,7 @@ log = logging.getLogger("opentelemetry.sdk.trace")  # where the SDK warns of a s
 #: The SDK minor versions whose ``Tracer.start_span`` this module was checked against.
 VERIFIED_SDK = ("1.45",)
 
-# Spans of a publish carry this many attributes (see tracing._attributes_of_send, plus the id).
+# Spans of a publish carry this many attributes (see tracing._send_of, plus the id).
 _ATTRIBUTES = 5
 
 _FLAGS = {
@@ -113,13 +122,15 @@ def in_flight(span: object) -> Callable[[], None] | None:
 class SendSpans:
     """Starts the PRODUCER spans of one tracer's publishes (:func:`for_tracer`)."""
 
-    __slots__ = ("_batch_type", "_checked", "_default_on", "_drop", "_plain_types", "_processor", "_readable",
-                 "_record_and_sample", "_sdk", "_tracer", "max_attributes")  # fmt: skip
+    __slots__ = ("_batch_type", "_checked", "_default_on", "_drop", "_no_span_metrics", "_plain_types", "_processor",
+                 "_random_ids", "_readable", "_record_and_sample", "_sdk", "_tracer", "max_attributes")  # fmt: skip
 
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk import trace as sdk
         from opentelemetry.sdk.trace import sampling
+        from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
         self._sdk = sdk
         self._tracer = tracer
@@ -132,6 +143,9 @@ class SendSpans:
         self._default_on = sampling.DEFAULT_ON
         self._record_and_sample: Any = sampling.Decision.RECORD_AND_SAMPLE
         self._drop: Any = sampling.Decision.DROP
+        # The tracer's own span metrics, off unless the SDK is asked for them: then not called.
+        self._no_span_metrics = type(tracer._tracer_metrics) is NoOpTracerMetrics
+        self._random_ids = RandomIdGenerator
         # A span's attributes beyond this many go through the SDK's span, which drops them.
         limit = tracer._span_limits.max_span_attributes
         self.max_attributes: int = sys.maxsize if limit is None else limit
@@ -163,7 +177,7 @@ class SendSpans:
         """A started PRODUCER span named ``name``, or None: make it with ``start_span``.
 
         ``attributes``: non-empty str keys, str values (what ``start_span`` would keep as they
-        are); not changed (the span copies them).
+        are); never changed: the span shares them until it sets one of its own, and then copies them.
         """
         begun = self.begin(name, attributes)
         if begun is None:
@@ -180,32 +194,55 @@ class SendSpans:
         if not self._simple() or not tracer._is_enabled():
             return None
         ids = tracer.id_generator
+        # The SDK's RandomIdGenerator draws its ids from the random module, as here: the same
+        # ids, drawn in the same order, without its calls.
+        draw = _getrandbits if type(ids) is self._random_ids else None
         current = otel_context.get_current()
         parent: SpanContext | None = trace.get_current_span(current).get_span_context() if current else None
         if parent is None or not parent.is_valid:
             parent = None
-            trace_id = ids.generate_trace_id()
-            random = bool(ids.is_trace_id_random())
+            if draw is not None:
+                trace_id = draw(128)
+                while not trace_id:  # never the invalid id, 0
+                    trace_id = draw(128)
+                random = True
+            else:
+                trace_id = ids.generate_trace_id()
+                random = bool(ids.is_trace_id_random())
         else:
             trace_id = parent.trace_id
             random = bool(parent.trace_flags.random_trace_id)
+        decision: Any = None
         if tracer.sampler is self._default_on:
             # The SDK's default sampler, ParentBased(ALWAYS_ON), as it decides: with the
             # parent's sampled flag (sampled without a parent), the parent's trace state, and
             # the span's attributes as they are.
-            decision = self._record_and_sample if parent is None or parent.trace_flags.sampled else self._drop
+            sampled = recording = parent is None or bool(parent.trace_flags.sampled)
             trace_state = None if parent is None else parent.trace_state
             sampled_attributes: Mapping[str, Any] = attributes
         else:
             result = tracer.sampler.should_sample(None, trace_id, name, SpanKind.PRODUCER, attributes, ())
             decision, trace_state, sampled_attributes = result.decision, result.trace_state, result.attributes
-        span_id = ids.generate_span_id()
-        flags = _FLAGS[decision.is_sampled(), random]
-        record_end = tracer._tracer_metrics.start_span(parent, decision)
-        if not decision.is_recording():
+            sampled, recording = decision.is_sampled(), decision.is_recording()
+        if draw is not None:
+            span_id = draw(64)
+            while not span_id:
+                span_id = draw(64)
+        else:
+            span_id = ids.generate_span_id()
+        flags = _FLAGS[sampled, random]
+        record_end = None
+        if not self._no_span_metrics:  # the tracer counts its spans (the SDK's own metrics)
+            if decision is None:
+                decision = self._record_and_sample if sampled else self._drop
+            record_end = tracer._tracer_metrics.start_span(parent, decision)
+        if not recording:
             return None, trace_id, span_id, flags, trace_state
-        context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state)
-        span = _SendSpan(self, name, context, parent, tracer.resource, dict(sampled_attributes), record_end)
+        # Its SpanContext is made when first asked for: in flight, as a rule (see prepare_end).
+        made = (trace_id, span_id, flags, trace_state)
+        # The attributes are shared until the span sets one (copied then, see set_attribute).
+        own = sampled_attributes if sampled_attributes is attributes else dict(sampled_attributes)
+        span = _SendSpan(self, name, made, parent, tracer.resource, own, record_end)
         if sampled_attributes is not attributes and sampled_attributes != attributes:
             span._as_sdk()  # the sampler added its own: the SDK cleans them
         return span, trace_id, span_id, flags, trace_state
@@ -224,16 +261,17 @@ class SendSpans:
             return None
         processors, _, hand_off = self._checked
         readable = self._readable_of(span, None)  # the end time is stamped by _SendSpan.end
-        return readable, processors, hand_off if span._context.trace_flags.sampled else ()
+        return readable, processors, hand_off if span._ids[2].sampled else ()
 
     def _readable_of(self, span: _SendSpan, end_time: int | None) -> Any:
         tracer = self._tracer
         return self._readable(
             name=span._name,
-            context=span._context,
+            context=span.get_span_context(),
             parent=span._parent,
             resource=span._resource,
-            attributes=span._attributes,  # ReadableSpan.attributes hands out a read-only view
+            # ReadableSpan.attributes hands out a read-only view; the shared ones are not handed out.
+            attributes=span._attributes if span._owned else dict(span._attributes),
             kind=SpanKind.PRODUCER,
             instrumentation_info=tracer.instrumentation_info,
             start_time=span._start_time,
@@ -246,7 +284,7 @@ class SendSpans:
         tracer = self._tracer
         sdk_span = self._sdk._Span(
             name=span._name,
-            context=span._context,
+            context=span.get_span_context(),
             parent=span._parent,
             sampler=tracer.sampler,
             resource=span._resource,
@@ -281,21 +319,24 @@ class _SendSpan(Span):
     (``_as_sdk``), which does the rest. Used by one thread, as a publish uses it.
     """
 
-    __slots__ = ("_attributes", "_context", "_ended", "_maker", "_name", "_parent", "_prepared", "_record_end",
-                 "_resource", "_sdk_span", "_start_time")  # fmt: skip
+    __slots__ = ("_attributes", "_context", "_ended", "_ids", "_maker", "_name", "_owned", "_parent", "_prepared",
+                 "_record_end", "_resource", "_sdk_span", "_start_time")  # fmt: skip
 
     def __init__(
         self,
         maker: SendSpans,
         name: str,
-        context: SpanContext,
+        ids: tuple[int, int, TraceFlags, Any],
         parent: SpanContext | None,
         resource: Any,
-        attributes: dict[str, Any],
+        attributes: Mapping[str, Any],
         record_end: Callable[[], None] | None,
     ) -> None:
-        self._maker, self._name, self._context, self._parent = maker, name, context, parent
+        self._maker, self._name, self._ids, self._parent = maker, name, ids, parent
+        self._context: SpanContext | None = None  # made from _ids when first asked for
+        # Until it sets an attribute, the span's are its maker's, shared and never changed.
         self._resource, self._attributes, self._record_end = resource, attributes, record_end
+        self._owned = False
         self._sdk_span: Any = None
         self._prepared: _Prepared | None = None
         self._ended = False
@@ -313,13 +354,17 @@ class _SendSpan(Span):
         if self._sdk_span is None:
             if self._ended:
                 log.warning("Tried calling %s on an ended span.", doing or "a method")
-                return NonRecordingSpan(self._context)
+                return NonRecordingSpan(self.get_span_context())
             self._prepared = None
             self._sdk_span = self._maker.sdk_span(self)
         return self._sdk_span
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._context
+        if context is None:
+            trace_id, span_id, flags, trace_state = self._ids
+            context = self._context = SpanContext(trace_id, span_id, False, flags, trace_state)
+        return context
 
     def is_recording(self) -> bool:
         return not self._ended if self._sdk_span is None else bool(self._sdk_span.is_recording())
@@ -338,8 +383,14 @@ class _SendSpan(Span):
             log.warning("Setting attribute on ended span.")
         else:
             self._prepared = None
-            attributes.pop(key, None)  # as the SDK's bounded attributes: a key set again moves last
-            attributes[key] = value
+            # As the SDK's bounded attributes: a key set again moves last.
+            if self._owned:
+                attributes.pop(key, None)  # type: ignore[attr-defined]
+                attributes[key] = value  # type: ignore[index]
+            else:  # the shared ones it started with, copied with this one
+                kept = {k: v for k, v in attributes.items() if k != key} if key in attributes else attributes
+                self._attributes = {**kept, key: value}
+                self._owned = True
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         for key, value in attributes.items():
@@ -351,8 +402,10 @@ class _SendSpan(Span):
             self._prepared = None
             readable, processors, hand_off = prepared
             maker = self._maker
-            # Unchanged since prepare_end (a change drops it), and the processors are the same.
-            if maker._simple() and maker._checked[0] is processors and self._sdk_span is None and not self._ended:
+            # Unchanged since prepare_end (a change drops it), and the processors are the same
+            # tuple, which prepare_end found plain (the provider swaps in a new one to add one).
+            same = getattr(maker._processor, "_span_processors", None) is processors
+            if same and self._sdk_span is None and not self._ended:
                 self._ended = True
                 readable._end_time = end_time if end_time is not None else time_ns()
                 if self._record_end:
@@ -402,4 +455,4 @@ class _SendSpan(Span):
         self.end()
 
     def __repr__(self) -> str:
-        return f"_SendSpan(name={self._name!r}, context={self._context!r})"
+        return f"_SendSpan(name={self._name!r}, context={self.get_span_context()!r})"

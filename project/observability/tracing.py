@@ -115,19 +115,31 @@ def trace_fields(span_context: SpanContext | None = None) -> dict[str, str]:
         span_context = trace.get_current_span(current).get_span_context()
     if not span_context.is_valid:
         return {}
-    context = span_context
-    fields = TraceFields(traceparent=f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
+    fields = TraceFields(traceparent=traceparent(span_context.trace_id, span_context.span_id, span_context.trace_flags))
     if span_context.trace_state:
         fields["tracestate"] = span_context.trace_state.to_header()
     return fields
 
 
-# The attributes every span of one kind starts with are built once per event type (and
-# handler), not on every publish or run; shared, so never changed (the SDK copies them).
+# "-00" to "-ff": the trace flags' part of a traceparent.
+_FLAGS_HEX = tuple(f"-{flags:02x}" for flags in range(256))
+
+
+def traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The W3C ``traceparent`` of valid ids: ``00-<trace id>-<span id>-<flags>``, in lower-case hex.
+
+    Written as the propagator writes it, at half the cost of a format string: a publish
+    writes one before its command can go out.
+    """
+    return f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}{_FLAGS_HEX[flags & 0xFF]}"
+
+
+# The name and attributes every span of one kind starts with are built once per event type
+# (and handler), not on every publish or run; shared, so never changed (the SDK copies them).
 @functools.lru_cache(maxsize=10_000)
-def _attributes_of_send(event_type: str) -> dict[str, Any]:
-    """A publish span's, before the event id is known."""
-    return {
+def _send_of(event_type: str) -> tuple[str, dict[str, Any]]:
+    """A publish span's name and attributes, before the event id is known."""
+    return f"send {event_type}", {
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.destination.name": event_type,
         "messaging.operation.type": "send",
@@ -185,11 +197,11 @@ def start_send(event_type: str) -> tuple[Span | None, dict[str, str]]:
     error with :func:`fail_send`, and ends it.
     """
     assert _real_tracer is not None
-    name, attributes = f"send {event_type}", _attributes_of_send(event_type)
+    name, attributes = _send_of(event_type)
     begun = None if _send_spans is None else _send_spans.begin(name, attributes)
     if begun is not None:
         span, trace_id, span_id, flags, state = begun
-        fields = TraceFields(traceparent=f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")
+        fields = TraceFields(traceparent=traceparent(trace_id, span_id, flags))
         if state:
             fields["tracestate"] = state.to_header()
         return span, fields

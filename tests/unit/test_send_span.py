@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from time import time_ns
 from typing import Any
@@ -23,7 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     Decision,
@@ -36,7 +37,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 from opentelemetry.util import types
 
 from project.observability import send_span
-from project.observability.send_span import SendSpans, _sdk_minor
+from project.observability.send_span import SendSpans, _sdk_minor, _SendSpan
 
 NAME = "send user.created"
 ATTRIBUTES = {
@@ -90,19 +91,23 @@ class Tagging(Sampler):
 
 
 class Setup:
-    def __init__(self, sampler: Sampler | None = None, limits: SpanLimits | None = None) -> None:
+    def __init__(
+        self, sampler: Sampler | None = None, limits: SpanLimits | None = None, random_ids: bool = False
+    ) -> None:
         if _sdk_minor() not in send_span.VERIFIED_SDK:
             # A new SDK release: read its Tracer.start_span and _Span against send_span, then
             # add the version to VERIFIED_SDK (or change send_span to match). Until then
             # publishes use start_span (the test above).
             pytest.skip(f"opentelemetry-sdk {_sdk_minor()} is not in send_span.VERIFIED_SDK: publishes use start_span")
         self.ids = Replay()
+        # The SDK's own generator: both ways draw from the random module, seeded alike.
+        self.random_ids = random_ids
         self.exporter = InMemorySpanExporter()
         self.metrics = InMemoryMetricReader()
         self.provider = TracerProvider(
             sampler=sampler,
             resource=Resource.create({"service.name": "publisher"}),
-            id_generator=self.ids,
+            id_generator=RandomIdGenerator() if random_ids else self.ids,
             span_limits=limits,
             meter_provider=MeterProvider(metric_readers=[self.metrics]),
         )
@@ -119,6 +124,8 @@ class Setup:
         made = []
         for fast in (False, True):
             self.ids.rewind()
+            if self.random_ids:
+                random.seed(20261130)
             self.exporter.clear()
             if fast:
                 assert self.fast is not None
@@ -210,6 +217,29 @@ def test_a_publish_span_inside_a_span_is_its_child_as_the_sdk_makes_it(current_p
     assert fields["parent"] == current_parent
     assert fields["context"].trace_id == current_parent.trace_id
     assert fields["context"].trace_state == current_parent.trace_state
+
+
+def test_with_the_sdks_random_ids_a_publish_span_draws_the_ids_the_sdk_draws() -> None:
+    pair = Setup(random_ids=True).both()
+    assert type(pair[1][0]) is _SendSpan  # made by SendSpans, which draws the ids itself
+    fields = _same(pair)
+    assert fields["context"].trace_flags.random_trace_id
+
+
+def test_with_the_sdks_random_ids_a_child_span_draws_its_span_id_as_the_sdk(current_parent: SpanContext) -> None:
+    fields = _same(Setup(random_ids=True).both())
+    assert fields["parent"] == current_parent
+    assert fields["context"].trace_id == current_parent.trace_id
+
+
+def test_an_id_drawn_as_zero_is_drawn_again_as_the_sdk_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter([0, 0x42, 0, 0x43])
+    monkeypatch.setattr(send_span, "_getrandbits", lambda bits: next(draws))
+    setup = Setup(random_ids=True)
+    assert setup.fast is not None
+    span = setup.fast.start(NAME, ATTRIBUTES)
+    assert span is not None
+    assert (span.get_span_context().trace_id, span.get_span_context().span_id) == (0x42, 0x43)
 
 
 def test_sampling_decides_alike_and_an_unsampled_span_carries_the_same_context() -> None:
@@ -310,6 +340,18 @@ def test_the_shared_attributes_are_never_changed() -> None:
     before = dict(ATTRIBUTES)
     setup.both()
     assert before == ATTRIBUTES
+    # A span that sets none of its own shares them until it ends, and hands out a copy.
+    for prepare in (True, False):
+        setup.exporter.clear()
+        span = setup.fast.start(NAME, ATTRIBUTES)
+        assert span is not None
+        if prepare:
+            span.prepare_end()  # type: ignore[attr-defined]
+        span.end()
+        (exported,) = setup.exporter.get_finished_spans()
+        assert exported.attributes == ATTRIBUTES
+        exported._attributes["changed"] = "by an exporter"  # type: ignore[index]
+        assert before == ATTRIBUTES
 
 
 def test_setting_an_attribute_again_or_past_the_limit_is_as_in_the_sdk() -> None:
