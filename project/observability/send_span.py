@@ -81,6 +81,8 @@ VERIFIED_SDK = ("1.45",)
 # Spans of a publish carry this many attributes (see tracing._send_of, plus the id).
 _ATTRIBUTES = 5
 
+_MAX_TRACE_ID, _MAX_SPAN_ID = (1 << 128) - 1, (1 << 64) - 1
+
 _FLAGS = {
     (sampled, random): TraceFlags(
         (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT) | (TraceFlags.RANDOM_TRACE_ID if random else 0)
@@ -156,11 +158,16 @@ class SendSpans:
 
     def _simple(self) -> bool:
         """Whether the processors are ones whose ``on_start`` and ``_on_ending`` do nothing."""
+        return self._now()[1]
+
+    def _now(self) -> tuple[object, bool, tuple[Callable[[Any], None], ...]]:
+        """The processors as they are now, whether they are plain, and their hand-off: one
+        read, so that the three belong together (another thread may re-check meanwhile)."""
         processors = getattr(self._processor, "_span_processors", None)
         checked = self._checked
         if checked[0] is not processors:
             checked = self._checked = self._check(processors)
-        return checked[1]
+        return checked
 
     def _check(self, processors: Any) -> tuple[object, bool, tuple[Callable[[Any], None], ...]]:
         plain = type(self._processor) is self._sdk.SynchronousMultiSpanProcessor and all(
@@ -230,6 +237,8 @@ class SendSpans:
                 span_id = draw(64)
         else:
             span_id = ids.generate_span_id()
+            if not (0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID):
+                return None  # ids no span context takes as valid: start_span makes what it makes of them
         flags = _FLAGS[sampled, random]
         record_end = None
         if not self._no_span_metrics:  # the tracer counts its spans (the SDK's own metrics)
@@ -257,9 +266,9 @@ class SendSpans:
     def prepare_end(self, span: _SendSpan) -> _Prepared | None:
         """What :meth:`end` hands the processors, but for its end time, and how; None if the
         processors are not plain (the span then ends the usual way)."""
-        if not self._simple():
+        processors, plain, hand_off = self._now()
+        if not plain:
             return None
-        processors, _, hand_off = self._checked
         readable = self._readable_of(span, None)  # the end time is stamped by _SendSpan.end
         return readable, processors, hand_off if span._ids[2].sampled else ()
 

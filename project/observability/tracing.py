@@ -126,12 +126,15 @@ _FLAGS_HEX = tuple(f"-{flags:02x}" for flags in range(256))
 
 
 def traceparent(trace_id: int, span_id: int, flags: int) -> str:
-    """The W3C ``traceparent`` of valid ids: ``00-<trace id>-<span id>-<flags>``, in lower-case hex.
+    """The W3C ``traceparent`` of valid ids (those of a valid span context): ``00-<trace
+    id>-<span id>-<flags>``, in lower-case hex.
 
     Written as the propagator writes it, at half the cost of a format string: a publish
     writes one before its command can go out.
     """
-    return f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}{_FLAGS_HEX[flags & 0xFF]}"
+    # Flags past a byte (a span context made by hand) as the propagator writes them.
+    end = _FLAGS_HEX[flags] if 0 <= flags <= 0xFF else f"-{flags:02x}"
+    return f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}{end}"
 
 
 # The name and attributes every span of one kind starts with are built once per event type

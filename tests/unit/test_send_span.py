@@ -518,6 +518,65 @@ def test_a_processor_added_after_the_span_was_readied_sees_what_it_would_see_of_
     assert len(setup.exporter.get_finished_spans()) == 1
 
 
+def test_a_processor_another_thread_adds_while_the_span_is_readied_sees_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another thread adds a processor, and its own publish re-checks them, in the middle of
+    # prepare_end: the span must not be handed to the old processors' hand-off alone.
+    class Recording(SpanProcessor):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.calls.append("on_end")
+
+    setup = Setup()
+    fast = setup.fast
+    assert fast is not None
+    span = fast.start(NAME, ATTRIBUTES)
+    assert isinstance(span, send_span._SendSpan)
+    added, done = Recording(), []
+
+    def interfere() -> None:
+        if not done:
+            done.append(True)
+            setup.provider.add_span_processor(added)
+            assert not fast._simple()  # the other thread's publish re-checks
+
+    for name in ("_simple", "_readable_of"):  # wherever prepare_end gives another thread the chance
+        real = getattr(SendSpans, name)
+
+        def meddling(self: Any, *args: Any, _real: Any = real) -> Any:
+            result = _real(self, *args)
+            interfere()
+            return result
+
+        monkeypatch.setattr(SendSpans, name, meddling)
+    span.prepare_end()
+    monkeypatch.undo()
+    span.end()
+    assert done and added.calls == ["on_end"]
+    assert len(setup.exporter.get_finished_spans()) == 1
+
+
+@pytest.mark.parametrize("bad", [-5, 1 << 128])
+def test_ids_no_span_context_takes_as_valid_are_left_to_start_span(bad: int) -> None:
+    setup = Setup()
+    setup.ids.trace_id = bad
+    assert setup.fast is not None
+    assert setup.fast.begin(NAME, ATTRIBUTES) is None  # start_span makes what it makes of them
+
+
+def test_a_traceparent_is_written_as_the_w3c_propagator_writes_it() -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from project.observability.tracing import trace_fields
+
+    for flags in (0, 1, 3, 0xFF, 0x1FF):
+        context_ = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0x1, False, TraceFlags(flags))
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier, trace.set_span_in_context(NonRecordingSpan(context_)))
+        assert trace_fields(context_)["traceparent"] == carrier["traceparent"]
+
+
 def test_the_tracers_own_metrics_count_a_readied_span_as_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
     setup = Setup()
