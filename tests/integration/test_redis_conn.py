@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -137,6 +138,83 @@ def test_meanwhile_work_cut_short_leaves_no_reply_for_the_next_command(client: r
     assert client.get(key) == b"1"  # sent, and done: only its reply was never read
     for n in range(3):
         assert send_one(client, "ECHO", f"n{n}") == f"n{n}".encode()
+
+
+def test_send_one_opens_again_a_connection_at_hand_that_the_server_closed(client: redis.Redis) -> None:
+    own_id = send_one(client, "CLIENT", "ID")
+    assert send_one(client, "CLIENT", "ID") == own_id  # kept at hand between calls
+    killer = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert killer.client_kill_filter(_id=own_id) == 1
+    finally:
+        killer.close()
+    # The client has no retries (redis-py's default): the dead socket is found before the
+    # command is sent on it, so the call does not spend its one attempt there.
+    probe = client.connection_pool.get_connection()
+    assert probe.retry.get_retries() == 0
+    client.connection_pool.release(probe)
+    assert send_one(client, "ECHO", "after") == b"after"
+    assert send_one(client, "CLIENT", "ID") != own_id
+
+
+def test_a_forked_child_sends_on_connections_of_its_own(client: redis.Redis) -> None:
+    parent_id = send_one(client, "CLIENT", "ID")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the parent's connection at hand is not the child's to use
+        try:
+            child_id = send_one(client, "CLIENT", "ID")
+            echoed = send_many(client, ("ECHO", "child"), ("CLIENT", "ID"))
+            os.write(write, f"{child_id} {echoed[0].decode()} {echoed[1]}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child_id, echoed, again = os.read(read, 200).decode().split()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert int(child_id) != parent_id and echoed == "child" and int(again) == int(child_id)
+    # The child's exit closed its copy of the socket only: the parent's connection goes on.
+    assert send_one(client, "CLIENT", "ID") == parent_id
+    assert send_one(client, "ECHO", "parent") == b"parent"
+
+
+def test_threads_sending_at_once_each_read_their_own_replies(client: redis.Redis) -> None:
+    wrong: list[tuple[bytes, bytes]] = []
+    start = threading.Barrier(8)
+
+    def sender(n: int) -> None:
+        start.wait()
+        for i in range(300):
+            sent = f"t{n}-{i}".encode()
+            got = send_one(client, "ECHO", sent) if i % 2 else send_many(client, ("ECHO", sent))[0]
+            if got != sent:
+                wrong.append((sent, got))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    # However many threads sent at once, a few connections are kept out of the pool, no more.
+    in_use = len(client.connection_pool._in_use_connections)  # type: ignore[attr-defined]
+    assert 1 <= in_use <= 4
+
+
+def test_a_small_pool_keeps_no_connection_out_of_its_reach() -> None:
+    small = redis.Redis.from_url(REDIS_URL, max_connections=2)
+    try:
+        assert send_one(small, "ECHO", "x") == b"x"
+        assert send_many(small, ("ECHO", "y")) == [b"y"]
+        # Both connections the pool allows are still its own to hand out.
+        first = small.connection_pool.get_connection()
+        second = small.connection_pool.get_connection()
+        small.connection_pool.release(first)
+        small.connection_pool.release(second)
+    finally:
+        small.close()
 
 
 def test_lease_tokens_are_unique_and_name_their_process() -> None:
