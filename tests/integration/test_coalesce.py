@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from project.bus import EventBus
+from project.bus import PUBLISH_LUA, EventBus
 from project.coalesce import EARLY_SEND_EVENTS, Coalescer
 from project.errors import PublishOutcomeUnknown, PublishRefused
 from project.settings import Settings
@@ -108,13 +108,14 @@ def test_a_call_cancelled_while_connecting_its_batch_leaves_the_others_to_be_sen
     with redis_server(tmp_path) as url:
         bus = _bus(url)
         client = redis.Redis.from_url(url)
+        client.script_load(PUBLISH_LUA)  # so that no publish needs a second connection to load it
 
         async def main() -> list[object]:
             try:
-                await bus.publish("load.item.made", {"n": -1})  # one connection, idle in the pool
+                await bus.publish("load.item.made", {"n": -1})  # one connection, kept at hand
                 calls = [asyncio.ensure_future(bus.publish("load.item.made", {"n": n})) for n in range(50)]
-                # One turn: the first call takes the idle connection; the call that queues the
-                # EARLY_SEND_EVENTS-th needs a new one and waits for it to connect.
+                # One turn: the first call takes the connection at hand; the call that queues
+                # the EARLY_SEND_EVENTS-th needs a new one and waits for it to connect.
                 await asyncio.sleep(0)
                 calls[EARLY_SEND_EVENTS].cancel()
                 return list(await asyncio.gather(*calls, return_exceptions=True))
@@ -324,6 +325,8 @@ def test_a_batch_redis_stalls_under_fails_every_call_with_an_unknown_outcome(tmp
         client = redis.Redis.from_url(url)
         pid = int(client.info("server")["process_id"])
         blob = "x" * 900_000
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        left_open: list[int] = []
 
         async def main() -> list[object]:
             try:
@@ -336,8 +339,28 @@ def test_a_batch_redis_stalls_under_fails_every_call_with_an_unknown_outcome(tmp
                     os.kill(pid, signal.SIGCONT)
             finally:
                 await bus.aclose()
+                left_open.append(_sockets_to(port))
 
+        before = _sockets_to(port)  # this test's own client's
         outcomes = asyncio.run(main())
         assert outcomes and all(isinstance(o, PublishOutcomeUnknown) for o in outcomes), {
             type(o).__name__ for o in outcomes
         }
+        # A connection dropped mid-batch was closed at once, not left open writing out the
+        # rest of its batch (to a Redis that reads again) until the loop closed.
+        assert left_open == [before]
+
+
+def _sockets_to(port: int) -> int:
+    """How many sockets of this process are connected to ``port`` on this host (Linux's /proc)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    inodes = {row[9] for row in rows if int(row[2].rsplit(":", 1)[1], 16) == port and row[3] == "01"}
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        count += target.startswith("socket:[") and target[8:-1] in inodes
+    return count
