@@ -17,10 +17,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
 
 from project.errors import ConfigurationError
 from project.keys import Keys
@@ -239,7 +241,7 @@ def _make_ready(conn: Any) -> None:
 
 
 def _send_read(conn: Any, args: tuple[Any, ...], meanwhile: Callable[[], None] | None = None) -> Any:
-    conn.send_command(*args)
+    conn.send_packed_command(_packed(conn, args))
     if meanwhile is not None:
         try:
             _do(meanwhile)
@@ -247,6 +249,28 @@ def _send_read(conn: Any, args: tuple[Any, ...], meanwhile: Callable[[], None] |
             conn.disconnect()  # its reply is still to come: no later command may read it as its own
             raise
     return conn.read_response()
+
+
+def _packed(conn: Any, args: tuple[Any, ...]) -> list[bytes]:
+    """``args`` in Redis's protocol, as ``conn.pack_command`` makes them.
+
+    With hiredis, redis-py's packer hands the arguments to ``hiredis.pack_command`` after
+    splitting a command name that holds a space and copying bytearrays and memoryviews to
+    bytes: 1.8 µs of the 2.4 it takes for a publish's EVALSHA. Those arguments take the
+    packer's way; the rest go to hiredis directly, which makes the same bytes.
+    """
+    if _HiredisPacker is not None and type(getattr(conn, "_command_packer", None)) is _HiredisPacker:
+        name = args[0]
+        if type(name) is str and " " not in name:
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:  # a bytearray, a memoryview, or what neither packs: the packer says
+                pass
+    return list(conn.pack_command(*args))
+
+
+# redis-py's packer when hiredis is installed (it is a dependency, with redis[hiredis]).
+_HiredisPacker: type | None = getattr(redis.connection, "HiredisRespSerializer", None)
 
 
 def _do(meanwhile: Callable[[], None]) -> None:
@@ -280,7 +304,7 @@ def send_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
 
 
 def _send_read_many(conn: Any, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
-    conn.send_packed_command(conn.pack_commands(commands))
+    conn.send_packed_command([b"".join(chunk for command in commands for chunk in _packed(conn, command))])
     replies: list[Any] = []
     error: redis.ResponseError | None = None
     for _ in commands:

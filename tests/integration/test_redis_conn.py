@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from project.lease import new_token
-from project.redis_conn import send_many, send_one
+from project.redis_conn import _packed, send_many, send_one
 from tests.integration.conftest import REDIS_URL
 
 
@@ -215,6 +215,33 @@ def test_a_small_pool_keeps_no_connection_out_of_its_reach() -> None:
         small.connection_pool.release(second)
     finally:
         small.close()
+
+
+@pytest.mark.parametrize("packer", ["hiredis", "python"])
+def test_commands_are_packed_as_redis_py_packs_them(packer: str) -> None:
+    options = {}
+    if packer == "python":  # what redis-py packs with when hiredis is not installed
+        encode = redis.connection.Encoder("utf-8", "strict", False).encode
+        options["command_packer"] = redis.connection.PythonRespSerializer(6000, encode)
+    conn = redis.Connection(**options)  # type: ignore[arg-type]  # never connected: packing only
+    expected = "HiredisRespSerializer" if packer == "hiredis" else "PythonRespSerializer"
+    assert type(conn._command_packer).__name__ == expected
+    for args in [
+        ("EVALSHA", "a" * 40, 2, "stream", "published:é", 86400, '{"e": "ü"}\nchannel'),
+        ("SET", b"key", bytearray(b"value"), "PX", 1500),
+        ("ECHO", memoryview(b"view")),
+        ("INCRBYFLOAT", "k", 0.25),
+        ("CLIENT ID",),  # a command name of two words, split by redis-py
+        ("ECHO", "x" * 100_000),
+    ]:
+        assert b"".join(_packed(conn, args)) == b"".join(bytes(c) for c in conn.pack_command(*args)), args
+
+
+def test_send_one_and_send_many_take_what_redis_py_takes(client: redis.Redis) -> None:
+    key = f"{client.test_prefix}:k"  # type: ignore[attr-defined]
+    assert send_one(client, "SET", key, bytearray(b"array")) in (b"OK", "OK")
+    assert send_many(client, ("APPEND", key, memoryview(b"+view")), ("GET", key)) == [10, b"array+view"]
+    assert send_one(client, "CLIENT INFO").startswith(b"id=")
 
 
 def test_lease_tokens_are_unique_and_name_their_process() -> None:
