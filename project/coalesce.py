@@ -38,6 +38,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 
@@ -374,9 +375,10 @@ class Coalescer:
 def _pack(commands: list[list[Any]], conn: Any) -> list[bytes]:
     """EVALSHA ``commands`` in Redis's protocol, as ``conn.pack_commands`` would make them.
 
-    Their arguments are the script's SHA, key names, envelopes and integers: packed here at a
-    third of redis-py's cost when they are all ``str`` and ``int`` and the client encodes as
-    strict UTF-8 (its default), by redis-py otherwise.
+    Their arguments are the script's SHA, key names, envelopes and integers: packed here by
+    ``hiredis.pack_command`` (which writes ``str`` as UTF-8) at a quarter of redis-py's cost
+    when they are all ``str`` and ``int`` and the client encodes as strict UTF-8 (its
+    default), by redis-py otherwise.
     """
     encoder = conn.encoder
     if (
@@ -385,13 +387,7 @@ def _pack(commands: list[list[Any]], conn: Any) -> list[bytes]:
         or any(type(a) is not str and type(a) is not int for command in commands for a in command)
     ):
         return list(conn.pack_commands([["EVALSHA", *command] for command in commands]))
-    packed = []
-    for command in commands:
-        args = [a.encode() if type(a) is str else str(a).encode() for a in command]
-        packed.append(
-            b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(args) + 1) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-        )
-    return packed
+    return [hiredis.pack_command(("EVALSHA", *command)) for command in commands]
 
 
 async def _drop(pool: Any, conn: Any) -> None:

@@ -364,3 +364,17 @@ def _sockets_to(port: int) -> int:
             continue
         count += target.startswith("socket:[") and target[8:-1] in inodes
     return count
+
+
+def test_batches_are_packed_as_redis_py_packs_them() -> None:
+    import redis.asyncio.connection
+
+    from project.coalesce import _pack
+
+    conn = redis.asyncio.connection.Connection()  # never connected: packing only
+    commands = [
+        ["a" * 40, 2, "stream", "published:é", 86400, '{"data": {"name": "Zoë 🌙"}}\nevents:user.created'],
+        ["b" * 40, 3, "stream", "k1", "k2", 60, "x" * 100_000],
+    ]
+    ours = b"".join(_pack(commands, conn))
+    assert ours == b"".join(bytes(c) for c in conn.pack_commands([["EVALSHA", *c] for c in commands]))
