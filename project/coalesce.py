@@ -118,6 +118,7 @@ class Coalescer:
             and type(pool) is redis.asyncio.ConnectionPool
             and pool.max_connections >= _MIN_POOL_SIZE
             and pool.connection_kwargs.get("credential_provider") is None
+            and str(pool.connection_kwargs.get("protocol") or 2) == "2"  # RESP3: its idle connections take pushes
         )
         self._at_hand: list[Any] = []
 
@@ -337,11 +338,13 @@ class Coalescer:
         rest of a lone ``await publish``. One kept at hand is checked as the pool checks
         those it hands out (connected, nothing to read: a socket the server closed is opened
         again), and the pool still counts it in use (a pool of fewer than ``_MIN_POOL_SIZE``
-        keeps none out, see ``project.redis_conn``).
+        keeps none out, nor one speaking RESP3: see ``project.redis_conn._AtHand``).
         """
         if self._at_hand:
             conn = self._at_hand.pop()
             try:
+                if conn.should_reconnect():  # marked while at hand (a maintenance notification)
+                    await conn.disconnect()
                 await pool.ensure_connection(conn)  # connects under the client's Retry
             except BaseException:
                 await pool.release(conn)

@@ -152,7 +152,12 @@ def _on_pooled_connection(client: redis.Redis, io: Callable[[Any], Any]) -> Any:
         except IndexError:  # none at hand (another thread holds each): the pool checks its own
             conn = pool.get_connection()
         else:
-            _make_ready(conn)
+            try:
+                _make_ready(conn)
+            except BaseException:  # no connection to be had (Redis down), or a time limit: kept, closed
+                conn.disconnect()
+                at_hand.append(conn)
+                raise
     try:
         return conn.retry.call_with_retry(lambda: io(conn), lambda _error: conn.disconnect())
     finally:
@@ -169,8 +174,9 @@ _pid = os.getpid()
 
 
 def _forked() -> None:
-    global _pid
+    global _pid, _at_hand_lock
     _pid = os.getpid()
+    _at_hand_lock = threading.Lock()  # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -193,9 +199,11 @@ class _AtHand(list[Any]):
     Up to ``_MAX_AT_HAND`` wait here (as many threads as send at once, most often one); the
     pool still counts them in use, so a pool limited to fewer than ``_MIN_POOL_SIZE``
     connections keeps none out. Nor does a pool whose release does more than hand a
-    connection back: a subclass (blocking, Sentinel), one with a client-side cache (its
-    connections take pushes), or one whose credentials are renewed on release. A process
-    forked from this one starts with none at hand: the parent's connections are its own.
+    connection back, or whose idle connections take pushes: a subclass (blocking,
+    Sentinel), one with a client-side cache, one whose credentials are renewed on release,
+    or one speaking RESP3 (maintenance notifications and client tracking arrive as pushes
+    on idle connections, which the pool keeps and reads). A process forked from this one
+    starts with none at hand: the parent's connections are its own.
     """
 
     __slots__ = ("off", "pid")
@@ -217,6 +225,7 @@ class _AtHand(list[Any]):
                     and pool.max_connections >= _MIN_POOL_SIZE
                     and getattr(pool, "cache", None) is None
                     and kwargs.get("credential_provider") is None
+                    and str(kwargs.get("protocol") or 2) == "2"
                 )
                 at_hand = cls(off=not plain)
                 setattr(pool, _AT_HAND, at_hand)
@@ -224,20 +233,30 @@ class _AtHand(list[Any]):
 
 
 def _make_ready(conn: Any) -> None:
-    """Check a connection taken from those at hand as the pool checks one it hands out.
+    """Make a connection taken from those at hand ready as the pool makes one it hands out:
+    connected (under its ``Retry``, as ``get_connection`` connects), and nothing to read.
 
     One whose socket the server closed (a restart, ``CLIENT KILL``, an idle timeout) reads
-    as readable: it is closed, and the command opens it again, rather than being sent on a
-    dead socket, which would cost the call its one attempt. A reply left unread, which no
-    path here leaves (each disconnects first), would close it too.
+    as readable: it is opened again, rather than the command being sent on a dead socket,
+    which would cost the call its one attempt. A reply left unread, which no path here
+    leaves (each disconnects first), would have it opened again too.
+
+    Raises:
+        redis.ConnectionError, redis.TimeoutError: it cannot be connected (nothing was sent).
     """
-    if not getattr(conn, "is_connected", True):
-        return  # the send connects it
-    try:
-        if conn.can_read():
-            conn.disconnect()
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+    if conn.should_reconnect():  # marked while at hand (a maintenance notification): as the pool would
         conn.disconnect()
+    if not getattr(conn, "is_connected", False):
+        conn.connect()  # a no-op on a connected one, but for its cost
+    try:
+        if not conn.can_read():
+            return
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        pass
+    conn.disconnect()
+    conn.connect()
+    if conn.can_read():
+        raise redis.ConnectionError("Connection not ready")
 
 
 def _send_read(conn: Any, args: tuple[Any, ...], meanwhile: Callable[[], None] | None = None) -> Any:
@@ -255,13 +274,14 @@ def _packed(conn: Any, args: tuple[Any, ...]) -> list[bytes]:
     """``args`` in Redis's protocol, as ``conn.pack_command`` makes them.
 
     With hiredis, redis-py's packer hands the arguments to ``hiredis.pack_command`` after
-    splitting a command name that holds a space and copying bytearrays and memoryviews to
-    bytes: 1.8 µs of the 2.4 it takes for a publish's EVALSHA. Those arguments take the
-    packer's way; the rest go to hiredis directly, which makes the same bytes.
+    splitting the command name at whitespace and copying bytearrays and memoryviews to
+    bytes: 1.8 µs of the 2.4 it takes for a publish's EVALSHA. A name that is not one
+    alphabetic word, and arguments hiredis does not take, go the packer's way; the rest go
+    to hiredis directly, which makes the same bytes.
     """
     if _HiredisPacker is not None and type(getattr(conn, "_command_packer", None)) is _HiredisPacker:
         name = args[0]
-        if type(name) is str and " " not in name:
+        if type(name) is str and name.isalpha():  # one word: nothing for the packer to split
             try:
                 return [hiredis.pack_command(args)]
             except TypeError:  # a bytearray, a memoryview, or what neither packs: the packer says

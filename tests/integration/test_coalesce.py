@@ -378,3 +378,29 @@ def test_batches_are_packed_as_redis_py_packs_them() -> None:
     ]
     ours = b"".join(_pack(commands, conn))
     assert ours == b"".join(bytes(c) for c in conn.pack_commands([["EVALSHA", *c] for c in commands]))
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_connections_are_kept_at_hand_unless_they_take_pushes(tmp_path: Path, protocol: int) -> None:
+    import redis.asyncio as aredis
+
+    from project.bus import _PUBLISH_SHA
+
+    with redis_server(tmp_path) as url:
+        redis.Redis.from_url(url).script_load(PUBLISH_LUA)
+
+        async def main() -> tuple[int, int]:
+            client = aredis.Redis.from_url(url, protocol=protocol)
+            coalescer = Coalescer(client, PUBLISH_LUA, "co:stream", 60)
+            assert coalescer.sha == _PUBLISH_SHA
+            try:
+                for n in range(3):
+                    await coalescer.publish((f"co:pub:{n}", json.dumps({"n": n}), "co:channel"))
+                return len(coalescer._at_hand), len(client.connection_pool._in_use_connections)
+            finally:
+                await client.aclose()
+
+        at_hand, in_use = asyncio.run(main())
+        # RESP2: one connection, kept at hand across the calls. RESP3: its idle connections
+        # take pushes (client tracking, maintenance notifications), so each goes back.
+        assert (at_hand, in_use) == ((1, 1) if protocol == 2 else (0, 0))

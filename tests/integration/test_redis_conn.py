@@ -232,6 +232,7 @@ def test_commands_are_packed_as_redis_py_packs_them(packer: str) -> None:
         ("ECHO", memoryview(b"view")),
         ("INCRBYFLOAT", "k", 0.25),
         ("CLIENT ID",),  # a command name of two words, split by redis-py
+        ("CONFIG\tGET", "maxmemory"),  # split at any whitespace
         ("ECHO", "x" * 100_000),
     ]:
         assert b"".join(_packed(conn, args)) == b"".join(bytes(c) for c in conn.pack_command(*args)), args
@@ -242,6 +243,87 @@ def test_send_one_and_send_many_take_what_redis_py_takes(client: redis.Redis) ->
     assert send_one(client, "SET", key, bytearray(b"array")) in (b"OK", "OK")
     assert send_many(client, ("APPEND", key, memoryview(b"+view")), ("GET", key)) == [10, b"array+view"]
     assert send_one(client, "CLIENT INFO").startswith(b"id=")
+
+
+def test_a_connection_at_hand_that_cannot_connect_tries_as_often_as_its_retry_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    retrying = redis.Redis.from_url(REDIS_URL, retry=Retry(NoBackoff(), 2))
+    try:
+        assert send_one(retrying, "ECHO", "warm") == b"warm"  # one connection, at hand
+        retrying.connection_pool.disconnect()  # closed while at hand (as after a failed call)
+        attempts: list[int] = []
+
+        def time_out(self: object) -> None:
+            attempts.append(1)
+            raise TimeoutError("timed out")  # a host that does not answer (socket.timeout)
+
+        monkeypatch.setattr(redis.connection.Connection, "_connect", time_out)
+        with pytest.raises(redis.TimeoutError):
+            send_one(retrying, "ECHO", "x")
+        # The first try and two retries, as redis-py's pool connects: not a retry of each
+        # retry (the send's own connect under the command's Retry).
+        assert len(attempts) == 3
+        monkeypatch.undo()
+        assert send_one(retrying, "ECHO", "back") == b"back"
+        assert len(retrying.connection_pool._in_use_connections) == 1  # the same one, at hand
+    finally:
+        retrying.close()
+
+
+def test_a_time_limit_while_a_connection_at_hand_is_checked_keeps_the_connection(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert send_one(client, "ECHO", "warm") == b"warm"
+    pool = client.connection_pool
+    (conn,) = pool._in_use_connections  # type: ignore[attr-defined]
+
+    def cut_short(self: object, *args: object, **kwargs: object) -> bool:
+        raise _TimeLimit()  # as Celery's soft time limit, raised by its signal handler
+
+    monkeypatch.setattr(redis.connection.Connection, "can_read", cut_short)
+    with pytest.raises(_TimeLimit):
+        send_one(client, "ECHO", "x")
+    monkeypatch.undo()
+    assert send_one(client, "ECHO", "after") == b"after"
+    assert pool._in_use_connections == {conn}  # type: ignore[attr-defined]  # back at hand, not lost
+
+
+def test_a_resp3_pool_keeps_no_connection_at_hand() -> None:
+    resp3 = redis.Redis.from_url(REDIS_URL, protocol=3)
+    try:
+        assert send_one(resp3, "ECHO", "x") == b"x"
+        assert send_many(resp3, ("ECHO", "y")) == [b"y"]
+        # Its idle connections take pushes (client tracking, maintenance notifications),
+        # which the pool keeps and reads: each goes back to it.
+        assert len(resp3.connection_pool._in_use_connections) == 0
+    finally:
+        resp3.close()
+
+
+def test_a_child_forked_while_a_thread_sets_up_a_pool_is_not_stuck() -> None:
+    from project import redis_conn
+
+    read, write = os.pipe()
+    with redis_conn._at_hand_lock:  # another thread, setting up a pool's connections at hand
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a child stuck on the lock would be killed, and say nothing
+            try:
+                fresh = redis.Redis.from_url(REDIS_URL)
+                os.write(write, send_one(fresh, "ECHO", "child"))
+            finally:
+                os._exit(0)
+    os.close(write)
+    try:
+        said = os.read(read, 100)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert said == b"child"
 
 
 def test_lease_tokens_are_unique_and_name_their_process() -> None:
