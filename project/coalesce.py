@@ -42,6 +42,8 @@ import hiredis
 import redis
 import redis.asyncio
 
+from project.redis_conn import may_keep_at_hand
+
 __all__ = ["EARLY_SEND_EVENTS", "MAX_CALL_BYTES", "MAX_CALL_EVENTS", "Coalescer", "Publish", "script_args"]
 
 #: One event to store: ``(dedup key, envelope JSON, channel)``.
@@ -55,10 +57,8 @@ MAX_CALL_BYTES = 1 << 20
 EARLY_SEND_EVENTS = 32
 # Over this many bytes waiting in a connection's write buffer, a write waits for Redis to read.
 _WRITE_BUFFER_LIMIT = 1 << 16
-# Connections of the client's pool kept at hand between round trips, if the pool allows
-# this many or more (Coalescer._connection).
+# Connections of the client's pool kept at hand between round trips (Coalescer._connection).
 _MAX_AT_HAND = 2
-_MIN_POOL_SIZE = 32
 # What the client's Retry would retry: on the direct path, a reason to send again through it.
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, socket.timeout, OSError)
 
@@ -112,14 +112,7 @@ class Coalescer:
         # node) or a client that holds one connection of its own.
         self._direct = type(client) is redis.asyncio.Redis and client.connection is None
         # Connections of that pool kept at hand between round trips (see _connection).
-        pool = getattr(client, "connection_pool", None)
-        self._keeps = (
-            self._direct
-            and type(pool) is redis.asyncio.ConnectionPool
-            and pool.max_connections >= _MIN_POOL_SIZE
-            and pool.connection_kwargs.get("credential_provider") is None
-            and str(pool.connection_kwargs.get("protocol") or 2) == "2"  # RESP3: its idle connections take pushes
-        )
+        self._keeps = self._direct and may_keep_at_hand(client.connection_pool)
         self._at_hand: list[Any] = []
 
     async def publish(self, call: Publish) -> Any:
@@ -337,8 +330,8 @@ class Coalescer:
         connection-count metrics, an event dispatch, its lock taken twice), as much as the
         rest of a lone ``await publish``. One kept at hand is checked as the pool checks
         those it hands out (connected, nothing to read: a socket the server closed is opened
-        again), and the pool still counts it in use (a pool of fewer than ``_MIN_POOL_SIZE``
-        keeps none out, nor one speaking RESP3: see ``project.redis_conn._AtHand``).
+        again), and the pool still counts it in use (which pools keep none out:
+        :func:`project.redis_conn.may_keep_at_hand`).
         """
         if self._at_hand:
             conn = self._at_hand.pop()
@@ -355,9 +348,7 @@ class Coalescer:
     async def _give_back(self, conn: Any) -> None:
         """Keep ``conn`` at hand for the next round trip, or hand it back to its pool."""
         if self._keeps and len(self._at_hand) < _MAX_AT_HAND:
-            if conn.should_reconnect():  # the server announced maintenance (RESP3 push): as redis-py does
-                await conn.disconnect()
-            self._at_hand.append(conn)
+            self._at_hand.append(conn)  # one marked for reconnection is reconnected when taken
         else:
             await self.client.connection_pool.release(conn)
 

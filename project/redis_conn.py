@@ -34,6 +34,7 @@ __all__ = [
     "cluster_known",
     "is_cluster",
     "keys_for",
+    "may_keep_at_hand",
     "redis_client",
     "require_amqp_on_cluster",
     "send_many",
@@ -219,17 +220,22 @@ class _AtHand(list[Any]):
         with _at_hand_lock:
             at_hand = pool.__dict__.get(_AT_HAND)
             if at_hand is None or at_hand.pid != _pid:
-                kwargs = getattr(pool, "connection_kwargs", {})
-                plain = (
-                    type(pool) is redis.ConnectionPool
-                    and pool.max_connections >= _MIN_POOL_SIZE
-                    and getattr(pool, "cache", None) is None
-                    and kwargs.get("credential_provider") is None
-                    and str(kwargs.get("protocol") or 2) == "2"
-                )
-                at_hand = cls(off=not plain)
+                at_hand = cls(off=not may_keep_at_hand(pool))
                 setattr(pool, _AT_HAND, at_hand)
             return at_hand  # type: ignore[no-any-return]
+
+
+def may_keep_at_hand(pool: Any) -> bool:
+    """Whether connections of ``pool`` (sync or asyncio) may be kept out of it between
+    commands (see :class:`_AtHand`; the coalescer keeps its own, :mod:`project.coalesce`)."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    return (
+        type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
+        and pool.max_connections >= _MIN_POOL_SIZE
+        and getattr(pool, "cache", None) is None
+        and kwargs.get("credential_provider") is None
+        and str(kwargs.get("protocol") or 2) == "2"
+    )
 
 
 def _make_ready(conn: Any) -> None:
