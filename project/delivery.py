@@ -14,7 +14,8 @@ hard time limits included:
   itself nowhere; a later copy counts that attempt (or presumes it, where it cannot tell
   whether it started, never giving up on a presumed attempt alone), and a failure counts it.
 - ``on_success``: record it succeeded and mark it done in the gate, so every later copy is
-  skipped.
+  skipped. A first copy on a Redis broker does this at the end of ``run`` instead, and
+  acknowledges its message in the same round trip, after the mark (:data:`SETTLED`).
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
   with the same task id), or after the last attempt mark it dead and publish
   ``module.error``. Data that its handler's contract refuses (``ContractViolation``) is
@@ -41,6 +42,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
+from celery.worker.request import Request
 from pydantic import BaseModel, Field
 
 from project.bus import EventBus
@@ -49,7 +51,7 @@ from project.contracts import event as contract_event
 from project.errors import ContractViolation, DeliveryExhausted
 from project.event import AlreadyHandled, Delivery, Event
 from project.keys import Keys
-from project.kombu_fixes import take_leases_on_receipt
+from project.kombu_fixes import ACK_HEADER, acknowledged_by_pool, take_leases_on_receipt
 from project.lease import LEASE_AT_HEADER, LEASE_HEADER, keeper, new_token
 from project.messages import FIRST_HEADER, UNCOUNTED_HEADER, UNCOUNTED_MAYBE, UNCOUNTED_STARTED
 from project.observability import metrics
@@ -58,11 +60,27 @@ from project.records import BufferLengths, delivery_record
 from project.redis_conn import LuaScript, send_many, send_one
 from project.registry import Subscription
 
-__all__ = ["MODULE_ERROR", "DeliveryTask", "Event", "ModuleError", "backoff_s", "register_tasks", "route_task"]
+__all__ = [
+    "MODULE_ERROR",
+    "SETTLED",
+    "DeliveryRequest",
+    "DeliveryTask",
+    "Event",
+    "ModuleError",
+    "backoff_s",
+    "register_tasks",
+    "route_task",
+]
 
 log = logging.getLogger("eventbus.delivery")
 
 MODULE_ERROR = "module.error"
+
+#: What a delivery task returns (Flower's "result") when its handler ran and its pool process
+#: marked it done and acknowledged its message in one round trip: the worker's main process
+#: then has nothing to send (see :class:`DeliveryRequest`). ``"ok"`` when the worker's main
+#: process acknowledges it; ``"duplicate"`` when an earlier copy committed its effect.
+SETTLED = "done"
 
 
 @contract_event(MODULE_ERROR, version=1)
@@ -275,9 +293,13 @@ class DeliveryTask(Task):  # type: ignore[misc]
     # Attempts are counted per delivery in Redis (a lost process never reaches Celery's own
     # retry counter), so Celery's limit is off.
     max_retries = None
+    Request = "project.delivery:DeliveryRequest"
     # (task id, attempt, first copy) of the delivery this process started last: what its
     # success record and its done mark need.
     _attempts: tuple[str, int, bool] = ("", 0, False)
+    # (task id, kombu_fixes.ACK_HEADER) of the delivery this process started last, when it
+    # may acknowledge that message itself.
+    _ack: tuple[str, Any] | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -298,6 +320,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         s, request = self.bus.settings, self.request
+        self._ack = None
         client, keys = self._scripts_args(task_id, args)
         lease_ms = int(s.delivery_lease_s * 1000)
         first = bool(getattr(request, FIRST_HEADER, None))
@@ -313,6 +336,9 @@ class DeliveryTask(Task):  # type: ignore[misc]
             held = getattr(request, LEASE_HEADER, None) if fresh else None  # none is written on RabbitMQ
             if held and not s.broker_is_amqp and keeper.adopt(client, keys[1], held, lease_ms, _at(request)):
                 self._attempts = (task_id, 1, True)
+                ack = getattr(request, ACK_HEADER, None)
+                if isinstance(ack, list | tuple) and len(ack) == 3:
+                    self._ack = (task_id, ack)
                 return
             token = new_token()
             if fresh and send_one(client, "SET", keys[1], token, "NX", "PX", lease_ms):
@@ -360,7 +386,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         )
 
     def run(self, event: dict[str, Any]) -> str:
-        """Run the handler; ``"ok"``, or ``"duplicate"`` when an earlier copy committed its effect.
+        """Run the handler; :data:`SETTLED`, ``"ok"``, or ``"duplicate"`` when an earlier copy committed its effect.
 
         A word, not a dict: Celery writes the ``repr`` of every return value into the task's
         success event (Flower's "result"), and a dict's cost some 20 µs a run. The task's
@@ -380,9 +406,46 @@ class DeliveryTask(Task):  # type: ignore[misc]
         finally:
             if metrics.enabled() is not None:
                 metrics.record_handler_run(self.name, time.perf_counter() - started, _since_published_s(event, started))
-        return "ok"
+        return self._settle(task_id, event)
+
+    def _settle(self, task_id: str, event: Mapping[str, Any]) -> str:
+        """Mark a first copy done, record it, and acknowledge its message, in one round trip.
+
+        :data:`SETTLED` if it did; ``"ok"`` if this copy may not acknowledge its own message (it
+        is not a first copy whose lease the worker's main process took on receipt, or the
+        record needs the script's checks) or Redis failed: then ``on_success`` marks it and
+        the main process acknowledges it, as for any other copy.
+        """
+        ack, self._ack = self._ack, None
+        attempt_of, attempts, first = self._attempts
+        if ack is None or ack[0] != task_id or attempt_of != task_id or not first:
+            return "ok"
+        s, keys = self.bus.settings, self._scope_keys((event,))
+        event_id = str(event.get("event_id") or "")
+        if not event_id or (s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)):
+            return "ok"
+        tag, unacked_index, unacked = ack[1]
+        lease = keys.lease(task_id)
+        keeper.release(lease)  # the done mark takes the lease key's place
+        record = delivery_record(event_id, self.name, "succeeded", attempts)
+        try:
+            # In this order on one connection: a message acknowledged is marked done.
+            send_many(
+                self.bus.sync_client(),
+                ("SET", lease, "done", "EX", s.delivery_done_ttl_s),
+                ("XADD", keys.log_buffer, "*", "r", record),
+                ("ZREM", unacked_index, tag),
+                ("HDEL", unacked, tag),
+            )
+        except redis.RedisError as exc:
+            log.warning("%s[%s]: cannot mark done and acknowledge (%s); marking it again", self.name, task_id, exc)
+            return "ok"
+        return SETTLED
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        if retval == SETTLED:  # marked, recorded and acknowledged at the end of run
+            metrics.record_delivery(self.name, "succeeded")
+            return
         s, keys = self.bus.settings, self._scope_keys(args)
         lease = keys.lease(task_id)
         keeper.release(lease)  # the done mark takes the lease key's place
@@ -496,6 +559,39 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 )
         except Exception:  # the original failure is what the task reports; never mask it
             log.exception("%s: could not publish %s", sub.name, MODULE_ERROR)
+
+
+_SETTLED_REPR = repr(SETTLED)  # how a result reaches the worker's main process (Celery's saferepr)
+
+
+class DeliveryRequest(Request):  # type: ignore[misc]
+    """A delivery task's request in the worker's main process: Celery's, except that the
+    message of a task that returned :data:`SETTLED` is acknowledged in memory only; its pool
+    process removed it from the broker already (:func:`project.kombu_fixes.acknowledged_by_pool`).
+
+    Celery makes a subclass of it per task, with its own ``on_success``
+    (``celery.worker.request.create_request_cls``); each gets the same wrapping.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        made = cls.__dict__.get("on_success")
+        if made is not None:
+            cls.on_success = _acknowledging_settled(made)  # type: ignore[method-assign]
+
+
+def _acknowledging_settled(on_success: Any) -> Any:
+    def wrapped(self: Any, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        failed, retval = failed__retval__runtime[0], failed__retval__runtime[1]
+        if not failed and retval == _SETTLED_REPR:
+            acknowledged_by_pool(self.message)
+        return on_success(self, failed__retval__runtime, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = on_success.__doc__, on_success.__name__
+    return wrapped
+
+
+DeliveryRequest.on_success = _acknowledging_settled(Request.on_success)  # type: ignore[method-assign]
 
 
 def _at(request: Any) -> float:

@@ -46,6 +46,19 @@ stopped, joined or killed, and no child process alive): each lease is deleted on
 still holds this process' token.
 kombu also puts messages back when a connection breaks, while the pool runs tasks; then
 nothing is given back, and the leases lapse as before.
+
+**A first copy acknowledged by its pool process** (:data:`ACK_HEADER`,
+:func:`acknowledged_by_pool`). With ``task_acks_late`` the worker's main process
+acknowledges each message after its task ran: a transaction removing it from kombu's unacked
+set, one more round trip in the process every message of the worker passes through. For a
+message whose lease it took on receipt, the main process now tells the pool process the
+message's delivery tag and kombu's two unacked keys, and that process removes the message
+from them itself, in the round trip that marks its delivery done, after the mark: the mark
+and the acknowledgement go in one pipeline on one connection, in that order. When the task
+says it did (``project.delivery.SETTLED``), the main process forgets the message in memory
+only. Anything else (a failure, a time limit, a lost process, a copy that did not get that
+far) is acknowledged or rejected by the main process as before; removing a message twice
+is harmless.
 """
 
 from __future__ import annotations
@@ -59,7 +72,14 @@ from typing import Any
 
 from project.lease import LEASE_AT_HEADER, LEASE_HEADER, LEASE_KEY_HEADER
 
-__all__ = ["apply", "pool_processes_gone", "release_leases_on_restore", "take_leases_on_receipt"]
+__all__ = [
+    "ACK_HEADER",
+    "acknowledged_by_pool",
+    "apply",
+    "pool_processes_gone",
+    "release_leases_on_restore",
+    "take_leases_on_receipt",
+]
 
 log = logging.getLogger("eventbus.kombu_fixes")
 
@@ -70,6 +90,7 @@ def apply() -> None:
 
     _reuse_clients(kombu_redis.Channel)
     _settle_on_closed_channels(kombu_redis.QoS)
+    _forget_what_pools_acknowledged(kombu_redis.QoS)
 
     original: Any = kombu_redis.QoS.restore_unacked
     if getattr(original, "_eventbus_patched", False):
@@ -95,6 +116,17 @@ def apply() -> None:
 
 #: ``(key, token, ttl_ms)`` of the lease to take for a message as it is received, or None.
 LeaseOnReceipt = Callable[[Any], "tuple[str, str, int] | None"]
+
+#: The header with which the worker's main process lets a first copy's pool process
+#: acknowledge the message itself: ``[delivery tag, unacked index key, unacked hash key]``,
+#: the keys as they are in Redis (past kombu's ``global_keyprefix``). Only this module writes
+#: it, on receipt, together with the lease's headers.
+ACK_HEADER = "eventbus_ack"
+# The headers only this module writes on receipt: dropped from a message that came with them.
+_OURS = (LEASE_HEADER, LEASE_AT_HEADER, LEASE_KEY_HEADER, ACK_HEADER)
+# On a message (its __dict__): OFFERED once this process wrote its ACK_HEADER, ACKED once its
+# pool process says it acknowledged it. Only an ACKED message is acknowledged in memory alone.
+_POOL_ACK, _OFFERED, _ACKED = "_eventbus_pool_ack", "offered", "acked"
 
 
 def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
@@ -122,10 +154,9 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
         headers = message.headers
         if not isinstance(headers, dict):  # none, or malformed: Celery refuses it after this
             return original(self, message, delivery_tag)  # type: ignore[no-any-return]
-        if LEASE_HEADER in headers or LEASE_AT_HEADER in headers or LEASE_KEY_HEADER in headers:
-            headers.pop(LEASE_HEADER, None)
-            headers.pop(LEASE_AT_HEADER, None)
-            headers.pop(LEASE_KEY_HEADER, None)
+        for name in _OURS:
+            if name in headers:
+                del headers[name]
         try:
             lease = lease_of(message)
         except Exception:  # a message kombu would note must still be noted
@@ -150,6 +181,9 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
         if taken is True:  # None: held or settled already; an error: the pool process will see
             headers[LEASE_HEADER], headers[LEASE_AT_HEADER] = token, time.monotonic()
             headers[LEASE_KEY_HEADER] = key
+            prefix = getattr(self.channel, "global_keyprefix", "") or ""
+            headers[ACK_HEADER] = [delivery_tag, prefix + self.unacked_index_key, prefix + self.unacked_key]
+            message.__dict__[_POOL_ACK] = _OFFERED
 
     append._eventbus_original = original  # type: ignore[attr-defined]
     qos.append = append
@@ -296,6 +330,39 @@ def _settle_on_closed_channels(qos_class: Any) -> None:
 
         settle._eventbus_patched = True  # type: ignore[attr-defined]
         setattr(qos_class, name, settle)
+
+
+def acknowledged_by_pool(message: Any) -> None:
+    """Note that ``message``'s pool process removed it from kombu's unacked set (see
+    :data:`ACK_HEADER`): acknowledging it then forgets it in this process alone.
+
+    The worker's main process calls it when the task says so, before Celery acknowledges the
+    message (later, from its event loop). A message this process offered no such
+    acknowledgement for (no :data:`ACK_HEADER` written on receipt) is acknowledged as usual.
+    """
+    state = getattr(message, "__dict__", None)
+    if state is not None and state.get(_POOL_ACK) == _OFFERED:
+        state[_POOL_ACK] = _ACKED
+
+
+def _forget_what_pools_acknowledged(qos_class: Any) -> None:
+    """Make ``ack`` of a message its pool process acknowledged (:func:`acknowledged_by_pool`) a memory-only ack."""
+    from kombu.transport import virtual
+
+    original = qos_class.ack
+    if getattr(original, "_eventbus_pool_acks", False):
+        return
+
+    def ack(self: Any, delivery_tag: Any) -> None:
+        message = self._delivered.get(delivery_tag)
+        if message is not None and message.__dict__.get(_POOL_ACK) == _ACKED:
+            virtual.QoS.ack(self, delivery_tag)  # gone from Redis already: no round trip
+            return
+        original(self, delivery_tag)
+
+    ack._eventbus_pool_acks = True  # type: ignore[attr-defined]
+    ack._eventbus_patched = True  # type: ignore[attr-defined]
+    qos_class.ack = ack
 
 
 def _reuse_clients(channel_class: Any) -> None:

@@ -7,6 +7,8 @@ Every kind of failure counts as an attempt and ends `succeeded`, `dead` (with mo
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import pytest
 from project.lease import LEASE_AT_HEADER, LEASE_HEADER
 from project.messages import FIRST_HEADER, delivery_task_id, task_message
 from tests.conftest import wait_for
-from tests.integration.conftest import ROOT, Stack
+from tests.integration.conftest import REDIS_URL, ROOT, Stack
 from tests.rabbitmq import WITH_CLUSTER
 
 DELIVERY = "SELECT status, attempts, error FROM event_deliveries WHERE event_id = :e AND handler = :h"
@@ -237,6 +239,77 @@ def test_a_first_copys_lease_is_taken_as_the_worker_receives_it_on_a_redis_broke
     wait_for(lambda: "this copy is skipped" in stack.log("worker"), what="the forged copy skipped")
     assert stack.runs() == {f"{event_id}:long_runner": 1}
     assert stack.redis.get(lease) == b"done"
+
+
+def _monitored(line: str) -> tuple[str, list[str]]:
+    """A line of ``redis-cli monitor``: the client's address and the command's words."""
+    client, _, command = line.partition("] ")
+    return client.rpartition(" ")[2], shlex.split(command)
+
+
+@pytest.mark.brokers("redis")
+def test_a_first_copys_pool_process_acknowledges_its_message_right_after_its_done_mark(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # With task_acks_late the worker's main process acknowledges each message once its task
+    # ran: a round trip in the one process every message passes through. On a Redis broker
+    # a first copy's pool process removes its message from kombu's unacked set itself, on
+    # the connection and in the pipeline of its done mark, after the mark, and returns
+    # 'done'; the main process then sends nothing. A copy whose mark needs the done script
+    # (a process' first record reads the log buffer's length), or that failed, is
+    # acknowledged by the main process, as before. Every message is removed exactly once,
+    # and none is left.
+    stack.start_worker(queues="gamma")
+    stack.start_router()
+    bus = stack.bus()
+    monitor_log = tmp_path / "monitor.txt"
+    with monitor_log.open("wb") as out:
+        monitor = subprocess.Popen(["redis-cli", "-u", REDIS_URL, "monitor"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: monitor_log.read_bytes().startswith(b"OK"), what="redis-cli monitor")
+        done_ids = [bus.publish_sync("policy.long.requested", {"sleep_s": 0}) for _ in range(6)]
+        flaky_id = bus.publish_sync("flaky.job.requested", {"job": 1})
+        for event_id in done_ids:
+            assert _delivery(stack, event_id, "long_runner", "succeeded").attempts == 1  # type: ignore[attr-defined]
+        assert _delivery(stack, flaky_id, "flaky", "succeeded").attempts == 3  # type: ignore[attr-defined]
+        time.sleep(1)  # what the main process would still send after the pool processes' results
+    finally:
+        monitor.terminate()
+        monitor.wait()
+
+    celery = bus.keys.celery_keyprefix
+    index, unacked = f"{celery}unacked_index", f"{celery}unacked"
+    commands = [_monitored(line) for line in monitor_log.read_text().splitlines()[1:]]
+    noted = [words[3] for _, words in commands if words[:2] == ["ZADD", index]]
+    removed: dict[str, list[tuple[int, str]]] = {tag: [] for tag in noted}
+    for at, (client, words) in enumerate(commands):
+        if words[:2] in (["ZREM", index], ["HDEL", unacked]):
+            removed.setdefault(words[2], []).append((at, client))
+    assert len(noted) == 9  # six first copies, flaky's and its two retries
+    assert {tag: len(r) for tag, r in removed.items()} == {tag: 2 for tag in noted}  # one ZREM and one HDEL each
+    assert stack.redis.zcard(index) == 0 and stack.redis.hlen(unacked) == 0
+
+    stored = {words[2]: words[3] for _, words in commands if words[:2] == ["HSET", unacked]}
+    # The pool processes' connections: where a plain SET marked a delivery done.
+    pools = {client for client, words in commands if words[:1] == ["SET"] and words[2:3] == ["done"]} - {"lua"}
+    by_pool = 0
+    for event_id in done_ids:
+        task_id = delivery_task_id(event_id, f"{APP}.long_runner")
+        [tag] = [tag for tag, raw in stored.items() if task_id in raw]
+        lease = bus.keys.scoped("policy.long.requested").lease(task_id)
+        [(marked_at, marker)] = [(at, c) for at, (c, cmd) in enumerate(commands) if cmd[:3] == ["SET", lease, "done"]]
+        result = re.search(rf"{re.escape(task_id)}\] succeeded in [0-9.e-]+s: '(\w+)'", stack.log("worker"))
+        assert result is not None
+        if marker == "lua":  # the done script's: acknowledged by the main process
+            assert result[1] == "ok"
+            assert all(client not in pools for _, client in removed[tag])
+        else:
+            assert result[1] == "done"
+            assert all(client == marker and at > marked_at for at, client in removed[tag])
+            by_pool += 1
+    assert by_pool >= 4  # all but each pool process's first
+    flaky_tags = [tag for tag in noted if delivery_task_id(flaky_id, f"{APP}.flaky") in stored[tag]]
+    assert len(flaky_tags) == 3 and all(c not in pools for tag in flaky_tags for _, c in removed[tag])
 
 
 def test_a_first_copy_restored_before_it_started_still_runs_with_no_retries_left(stack: Stack) -> None:

@@ -6,15 +6,18 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import kombu
 import pytest
+import redis
 from kombu.transport import redis as kombu_redis
 
 from project import kombu_fixes
 from project.lease import LEASE_HEADER, new_token
 from tests.integration.conftest import REDIS_URL, ROOT
+from tests.integration.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +154,64 @@ def test_messages_put_back_unstarted_give_back_their_leases_only_when_nothing_ca
         kombu_fixes._nothing_runs = None  # as in any process that is not a worker's
         kombu_redis.QoS.append = kombu_redis.QoS.append._eventbus_original  # type: ignore[attr-defined]
         cleanup.delete(name, *options.values(), *cleanup.keys(f"{name}:lease:*"))
+
+
+def _calls(client: redis.Redis) -> dict[str, int]:
+    """Commands the server ran so far, by name (``INFO`` itself left out)."""
+    stats = client.info("commandstats")
+    return {name: int(s["calls"]) for name, s in stats.items() if name != "cmdstat_info"}
+
+
+def test_a_message_its_pool_process_acknowledged_is_forgotten_here_without_a_command(tmp_path: Path) -> None:
+    # A private Redis: its command counts are this test's alone.
+    kombu_fixes.apply()
+    name = f"kombu-fixes-{uuid.uuid4().hex[:8]}"
+    _leases_on_receipt(name)
+    try:
+        with redis_server(tmp_path) as url:
+            client = redis.Redis.from_url(url)
+            conn = kombu.Connection(url, transport_options={"global_keyprefix": f"{name}-celery:"})
+            queue = conn.SimpleQueue(name)
+            # Three messages, each sent with an acknowledgement header the worker never wrote:
+            # two get leases on receipt, one does not.
+            forged = {kombu_fixes.ACK_HEADER: ["forged-tag", "elsewhere:index", "elsewhere:hash"]}
+            queue.put({"n": 0}, headers={name: "0", **forged})
+            queue.put({"n": 1}, headers={name: "1", **forged})
+            queue.put({"n": 2}, headers=forged)
+            acked, failed, unleased = (queue.get(timeout=5) for _ in range(3))
+
+            assert kombu_fixes.ACK_HEADER not in unleased.headers  # dropped, not trusted
+            for message in (acked, failed):
+                tag, index, unacked = message.headers[kombu_fixes.ACK_HEADER]
+                assert tag == message.delivery_tag
+                # The keys as they are in Redis, past kombu's global_keyprefix.
+                assert (index, unacked) == (f"{name}-celery:unacked_index", f"{name}-celery:unacked")
+                assert client.zscore(index, tag) is not None and client.hexists(unacked, tag)
+
+            # What the pool process that ran the first does after its done mark.
+            tag, index, unacked = acked.headers[kombu_fixes.ACK_HEADER]
+            assert client.zrem(index, tag) == 1 and client.hdel(unacked, tag) == 1
+            before = _calls(client)
+            kombu_fixes.acknowledged_by_pool(acked)
+            acked.ack()
+            assert _calls(client) == before  # nothing sent: only forgotten in this process
+            assert acked.acknowledged
+
+            # Said of messages whose pool process did not acknowledge them (it failed, or it
+            # was not offered to): acknowledged as usual, each in Redis.
+            kombu_fixes.acknowledged_by_pool(unleased)
+            for message in (failed, unleased):
+                before = _calls(client)
+                message.ack()
+                assert _calls(client) != before
+                assert not client.hexists(unacked, message.delivery_tag)
+                assert client.zscore(index, message.delivery_tag) is None
+            assert client.hlen(unacked) == 0 and client.zcard(index) == 0
+            queue.close()
+            conn.close()
+            client.close()
+    finally:
+        kombu_redis.QoS.append = kombu_redis.QoS.append._eventbus_original  # type: ignore[attr-defined]
 
 
 _CHILDREN_SCRIPT = """
