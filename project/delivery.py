@@ -15,7 +15,7 @@ hard time limits included:
   whether it started, never giving up on a presumed attempt alone), and a failure counts it.
 - ``on_success``: record it succeeded and mark it done in the gate, so every later copy is
   skipped. A first copy on a Redis broker does this at the end of ``run`` instead, and
-  acknowledges its message in the same round trip, after the mark (:data:`SETTLED`).
+  acknowledges its message in the same round trip, after the mark (:data:`ACKED_BY_POOL`).
 - ``on_failure``: an exception, a soft or hard time limit: retry with backoff (sent again
   with the same task id), or after the last attempt mark it dead and publish
   ``module.error``. Data that its handler's contract refuses (``ContractViolation``) is
@@ -29,6 +29,7 @@ the receivers in :mod:`project.signals` record what these hooks left in Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -61,8 +62,8 @@ from project.redis_conn import LuaScript, send_many, send_one
 from project.registry import Subscription
 
 __all__ = [
+    "ACKED_BY_POOL",
     "MODULE_ERROR",
-    "SETTLED",
     "DeliveryRequest",
     "DeliveryTask",
     "Event",
@@ -80,7 +81,7 @@ MODULE_ERROR = "module.error"
 #: marked it done and acknowledged its message in one round trip: the worker's main process
 #: then has nothing to send (see :class:`DeliveryRequest`). ``"ok"`` when the worker's main
 #: process acknowledges it; ``"duplicate"`` when an earlier copy committed its effect.
-SETTLED = "done"
+ACKED_BY_POOL = "done"
 
 
 @contract_event(MODULE_ERROR, version=1)
@@ -386,7 +387,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         )
 
     def run(self, event: dict[str, Any]) -> str:
-        """Run the handler; :data:`SETTLED`, ``"ok"``, or ``"duplicate"`` when an earlier copy committed its effect.
+        """Run the handler; :data:`ACKED_BY_POOL` or ``"ok"``, ``"duplicate"`` if an earlier copy committed its effect.
 
         A word, not a dict: Celery writes the ``repr`` of every return value into the task's
         success event (Flower's "result"), and a dict's cost some 20 µs a run. The task's
@@ -411,39 +412,49 @@ class DeliveryTask(Task):  # type: ignore[misc]
     def _settle(self, task_id: str, event: Mapping[str, Any]) -> str:
         """Mark a first copy done, record it, and acknowledge its message, in one round trip.
 
-        :data:`SETTLED` if it did; ``"ok"`` if this copy may not acknowledge its own message (it
-        is not a first copy whose lease the worker's main process took on receipt, or the
-        record needs the script's checks) or Redis failed: then ``on_success`` marks it and
-        the main process acknowledges it, as for any other copy.
+        :data:`ACKED_BY_POOL` if it did. ``"ok"`` if this copy may not acknowledge its own
+        message (it is not a first copy whose lease the worker's main process took on
+        receipt, its header names other keys than this app's broker uses, or the record needs
+        the done script's checks), or if anything failed on the way (Redis, or a soft time
+        limit that struck after the handler returned): then ``on_success`` marks it and the
+        main process acknowledges it, as for any other copy.
         """
         ack, self._ack = self._ack, None
-        attempt_of, attempts, first = self._attempts
-        if ack is None or ack[0] != task_id or attempt_of != task_id or not first:
-            return "ok"
-        s, keys = self.bus.settings, self._scope_keys((event,))
-        event_id = str(event.get("event_id") or "")
-        if not event_id or (s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)):
+        if ack is None or ack[0] != task_id:  # set by before_start, with _attempts, for this delivery only
             return "ok"
         tag, unacked_index, unacked = ack[1]
-        lease = keys.lease(task_id)
-        keeper.release(lease)  # the done mark takes the lease key's place
-        record = delivery_record(event_id, self.name, "succeeded", attempts)
+        s, keys = self.bus.settings, self._scope_keys((event,))
+        event_id = str(event.get("event_id") or "")
+        if not event_id or self._reads_length(keys, event_id) or (unacked_index, unacked) != _unacked_keys(self.app):
+            return "ok"
         try:
-            # In this order on one connection: a message acknowledged is marked done.
+            lease = keys.lease(task_id)
+            keeper.release(lease)  # the done mark takes the lease key's place
+            record = delivery_record(event_id, self.name, "succeeded", self._attempts[1])
+            # In this order on one connection: Redis removes the message after the mark. The
+            # hash first: an entry left in the index alone is cleared by kombu's restore.
             send_many(
                 self.bus.sync_client(),
-                ("SET", lease, "done", "EX", s.delivery_done_ttl_s),
-                ("XADD", keys.log_buffer, "*", "r", record),
-                ("ZREM", unacked_index, tag),
+                *_done_commands(lease, keys.log_buffer, record, s.delivery_done_ttl_s),
                 ("HDEL", unacked, tag),
+                ("ZREM", unacked_index, tag),
             )
-        except redis.RedisError as exc:
-            log.warning("%s[%s]: cannot mark done and acknowledge (%s); marking it again", self.name, task_id, exc)
+        except Exception as exc:  # as Celery treats an error in on_success, where this was done before
+            log.warning(
+                "%s[%s]: could not mark done and acknowledge in one round trip (%r); on_success marks it and "
+                "the worker acknowledges it",
+                self.name, task_id, exc,
+            )  # fmt: skip
             return "ok"
-        return SETTLED
+        return ACKED_BY_POOL
+
+    def _reads_length(self, keys: Keys, event_id: str) -> bool:
+        """Whether this success record reads the log buffer's length (the done script's job)."""
+        s = self.bus.settings
+        return event_id != "" and s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)
 
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        if retval == SETTLED:  # marked, recorded and acknowledged at the end of run
+        if retval == ACKED_BY_POOL:  # marked, recorded and acknowledged at the end of run
             metrics.record_delivery(self.name, "succeeded")
             return
         s, keys = self.bus.settings, self._scope_keys(args)
@@ -454,13 +465,11 @@ class DeliveryTask(Task):  # type: ignore[misc]
         event = args[0] if args and isinstance(args[0], dict) else {}
         event_id = str(event.get("event_id") or "")
         client = self.bus.sync_client()
-        read = event_id != "" and s.log_buffer_full_policy == "shed" and _buffer_lengths.due(keys.log_buffer)
+        read = self._reads_length(keys, event_id)
         if ours and first and event_id and not read:
             # A first copy: no hash to mark and no length to read, so no script either.
             record = delivery_record(event_id, self.name, "succeeded", attempts)
-            send_many(
-                client, ("SET", lease, "done", "EX", s.delivery_done_ttl_s), ("XADD", keys.log_buffer, "*", "r", record)
-            )
+            send_many(client, *_done_commands(lease, keys.log_buffer, record, s.delivery_done_ttl_s))
         else:
             length = _DONE(
                 client,
@@ -561,13 +570,26 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.exception("%s: could not publish %s", sub.name, MODULE_ERROR)
 
 
-_SETTLED_REPR = repr(SETTLED)  # how a result reaches the worker's main process (Celery's saferepr)
+_ACKED_REPR = repr(ACKED_BY_POOL)  # how a result reaches the worker's main process (Celery's saferepr)
+
+
+def _done_commands(lease: str, log_buffer: str, record: str, ttl_s: int) -> tuple[tuple[Any, ...], ...]:
+    """A first copy's done mark (its lease key, the delivery's gate) and its success record."""
+    return ("SET", lease, "done", "EX", ttl_s), ("XADD", log_buffer, "*", "r", record)
+
+
+def _unacked_keys(app: Celery) -> tuple[str, str]:
+    """kombu's unacked index and hash keys for ``app``'s Redis broker, as they are in Redis."""
+    options = app.conf.broker_transport_options or {}
+    prefix = options.get("global_keyprefix") or ""
+    return prefix + options.get("unacked_index_key", "unacked_index"), prefix + options.get("unacked_key", "unacked")
 
 
 class DeliveryRequest(Request):  # type: ignore[misc]
     """A delivery task's request in the worker's main process: Celery's, except that the
-    message of a task that returned :data:`SETTLED` is acknowledged in memory only; its pool
-    process removed it from the broker already (:func:`project.kombu_fixes.acknowledged_by_pool`).
+    message of a task that returned :data:`ACKED_BY_POOL` is acknowledged in memory only;
+    its pool process removed it from the broker already
+    (:func:`project.kombu_fixes.acknowledged_by_pool`).
 
     Celery makes a subclass of it per task, with its own ``on_success``
     (``celery.worker.request.create_request_cls``); each gets the same wrapping.
@@ -577,21 +599,22 @@ class DeliveryRequest(Request):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         made = cls.__dict__.get("on_success")
         if made is not None:
-            cls.on_success = _acknowledging_settled(made)  # type: ignore[method-assign]
+            cls.on_success = _noting_acked_by_pool(made)  # type: ignore[method-assign]
 
 
-def _acknowledging_settled(on_success: Any) -> Any:
+def _noting_acked_by_pool(on_success: Any) -> Any:
+    @functools.wraps(on_success)
     def wrapped(self: Any, failed__retval__runtime: Any, **kwargs: Any) -> Any:
         failed, retval = failed__retval__runtime[0], failed__retval__runtime[1]
-        if not failed and retval == _SETTLED_REPR:
+        if not failed and retval == _ACKED_REPR:
             acknowledged_by_pool(self.message)
         return on_success(self, failed__retval__runtime, **kwargs)
 
-    wrapped.__doc__, wrapped.__name__ = on_success.__doc__, on_success.__name__
     return wrapped
 
 
-DeliveryRequest.on_success = _acknowledging_settled(Request.on_success)  # type: ignore[method-assign]
+# Used only if a Celery no longer makes its own on_success per task (create_request_cls).
+DeliveryRequest.on_success = _noting_acked_by_pool(Request.on_success)  # type: ignore[method-assign]
 
 
 def _at(request: Any) -> float:

@@ -1,7 +1,8 @@
-"""Four changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts
+"""Five changes to kombu 5.7's Redis transport: a bug that kills a worker when Redis restarts
 (two paths of it), a client object built for every command the worker's main process sends,
-a first copy's lease taken in the round trip that receives it, and that lease given back
-when its message is put back unstarted at a warm shutdown.
+a first copy's lease taken in the round trip that receives it, that lease given back when
+its message is put back unstarted at a warm shutdown, and a first copy's message
+acknowledged by the pool process that ran it.
 
 **Redis restarts.**
 When Redis goes away and the worker's consumer closes its broken connection, kombu's channel
@@ -53,9 +54,11 @@ acknowledges each message after its task ran: a transaction removing it from kom
 set, one more round trip in the process every message of the worker passes through. For a
 message whose lease it took on receipt, the main process now tells the pool process the
 message's delivery tag and kombu's two unacked keys, and that process removes the message
-from them itself, in the round trip that marks its delivery done, after the mark: the mark
-and the acknowledgement go in one pipeline on one connection, in that order. When the task
-says it did (``project.delivery.SETTLED``), the main process forgets the message in memory
+from them itself, in the round trip that marks its delivery done: the mark, the record and
+the acknowledgement go in one pipeline on one connection, in that order, so Redis runs the
+acknowledgement after the mark. (A mark Redis refuses, out of memory, does not stop the
+acknowledgement after it, as it did not stop the main process' before.) When the task says
+it did (``project.delivery.ACKED_BY_POOL``), the main process forgets the message in memory
 only. Anything else (a failure, a time limit, a lost process, a copy that did not get that
 far) is acknowledged or rejected by the main process as before; removing a message twice
 is harmless.
@@ -124,19 +127,24 @@ LeaseOnReceipt = Callable[[Any], "tuple[str, str, int] | None"]
 ACK_HEADER = "eventbus_ack"
 # The headers only this module writes on receipt: dropped from a message that came with them.
 _OURS = (LEASE_HEADER, LEASE_AT_HEADER, LEASE_KEY_HEADER, ACK_HEADER)
-# On a message (its __dict__): OFFERED once this process wrote its ACK_HEADER, ACKED once its
-# pool process says it acknowledged it. Only an ACKED message is acknowledged in memory alone.
-_POOL_ACK, _OFFERED, _ACKED = "_eventbus_pool_ack", "offered", "acked"
+# On a message (its __dict__): set once this process wrote its ACK_HEADER. Only such a
+# message may be acknowledged in memory alone.
+_OFFERED = "_eventbus_ack_offered"
+# On a QoS (its __dict__): the delivery tags its pool processes acknowledged, until Celery's
+# ack of each comes (from the event loop, after the task's result).
+_ACKED_BY_POOL = "_eventbus_acked_by_pool"
 
 
 def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
     """Take the lease ``lease_of(message)`` names in the transaction that receives the message.
 
     The worker's main process calls this once its tasks are registered (the last call
-    wins). On success the message's headers get the token and when it was taken; headers of
-    those names that came with the message are dropped first, whatever ``lease_of`` says:
-    only this process writes them. A ``SET`` that fails or errs leaves the message as kombu
-    would: its pool process then takes the lease itself.
+    wins). On success the message's headers get the token, when it was taken, and
+    :data:`ACK_HEADER`, and the message is noted as offered to its pool process to
+    acknowledge (:func:`acknowledged_by_pool`); headers of those names that came with the
+    message are dropped first, whatever ``lease_of`` says: only this process writes them. A
+    ``SET`` that fails or errs leaves the message as kombu would: its pool process then
+    takes the lease itself, and the main process acknowledges it.
     """
     import redis
     from kombu.transport import redis as kombu_redis
@@ -183,7 +191,7 @@ def take_leases_on_receipt(lease_of: LeaseOnReceipt) -> None:
             headers[LEASE_KEY_HEADER] = key
             prefix = getattr(self.channel, "global_keyprefix", "") or ""
             headers[ACK_HEADER] = [delivery_tag, prefix + self.unacked_index_key, prefix + self.unacked_key]
-            message.__dict__[_POOL_ACK] = _OFFERED
+            message.__dict__[_OFFERED] = True
 
     append._eventbus_original = original  # type: ignore[attr-defined]
     qos.append = append
@@ -340,9 +348,13 @@ def acknowledged_by_pool(message: Any) -> None:
     message (later, from its event loop). A message this process offered no such
     acknowledgement for (no :data:`ACK_HEADER` written on receipt) is acknowledged as usual.
     """
-    state = getattr(message, "__dict__", None)
-    if state is not None and state.get(_POOL_ACK) == _OFFERED:
-        state[_POOL_ACK] = _ACKED
+    channel = getattr(message, "channel", None)
+    if channel is None or not getattr(message, "__dict__", {}).get(_OFFERED):
+        return
+    # Kept on the QoS, not looked up in its delivered messages: a connection lost meanwhile
+    # clears those, and the ack through the closed channel must still not warn of a message
+    # left unacknowledged.
+    channel.qos.__dict__.setdefault(_ACKED_BY_POOL, set()).add(message.delivery_tag)
 
 
 def _forget_what_pools_acknowledged(qos_class: Any) -> None:
@@ -354,8 +366,9 @@ def _forget_what_pools_acknowledged(qos_class: Any) -> None:
         return
 
     def ack(self: Any, delivery_tag: Any) -> None:
-        message = self._delivered.get(delivery_tag)
-        if message is not None and message.__dict__.get(_POOL_ACK) == _ACKED:
+        acked = self.__dict__.get(_ACKED_BY_POOL)
+        if acked and delivery_tag in acked:
+            acked.discard(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)  # gone from Redis already: no round trip
             return
         original(self, delivery_tag)

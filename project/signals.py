@@ -1,10 +1,11 @@
 """Celery signal receivers that record every delivery's progress in the log buffer.
 
 The router records the event and each ``dispatched`` delivery inside its dispatch script,
-and a delivery's success is recorded by the script that marks it done (``on_success`` in
-:mod:`project.delivery`); every other change arrives here, read from the signals' own arguments (task id, args,
-result) and from the delivery's state the policy hooks left in Redis (attempts, retrying
-or dead), never from ``sender.request``. Each receiver makes one Redis round trip (a small
+and a delivery's success is recorded in the round trip that marks it done (``on_success``
+in :mod:`project.delivery`, or the end of ``run`` for a first copy); every other change
+arrives here, read from the signals' own arguments (task id, args, result) and from the
+delivery's state the policy hooks left in Redis (attempts, retrying or dead), never from
+``sender.request``. Each receiver makes one Redis round trip (a small
 script that appends the record), and PostgreSQL is never touched on this path.
 
 A task no worker knows (a rolling deploy, a typo in ``EVENT_HANDLER_MODULES``) is not
