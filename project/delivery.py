@@ -578,6 +578,7 @@ def _done_commands(lease: str, log_buffer: str, record: str, ttl_s: int) -> tupl
     return ("SET", lease, "done", "EX", ttl_s), ("XADD", log_buffer, "*", "r", record)
 
 
+@functools.cache  # per app: its broker's options are set before its worker starts
 def _unacked_keys(app: Celery) -> tuple[str, str]:
     """kombu's unacked index and hash keys for ``app``'s Redis broker, as they are in Redis."""
     options = app.conf.broker_transport_options or {}

@@ -374,6 +374,8 @@ def _forget_what_pools_acknowledged(qos_class: Any) -> None:
         original(self, delivery_tag)
 
     ack._eventbus_pool_acks = True  # type: ignore[attr-defined]
+    # Wrapped around _settle_on_closed_channels' ack: marked as that one is, so that a second
+    # apply() does not wrap this one again.
     ack._eventbus_patched = True  # type: ignore[attr-defined]
     qos_class.ack = ack
 
